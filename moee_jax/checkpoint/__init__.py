@@ -1,0 +1,1 @@
+"""Orbax checkpoint I/O and converters from PyTorch-world weight files."""

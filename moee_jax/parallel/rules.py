@@ -1,0 +1,59 @@
+"""The one table mapping logical axis names to mesh axes.
+
+Every parameter in the project is created with ``nn.with_logical_partitioning`` and a tuple of
+the logical names below; activations are constrained with ``nn.with_logical_constraint`` at block
+boundaries. Changing how a model is sharded means changing this table, never model code.
+
+Logical names
+-------------
+Parameters:
+  ``conv_height``, ``conv_width``  spatial taps of a conv kernel (never sharded)
+  ``conv_in``, ``conv_out``        conv input / output channels
+  ``embed``                        model width on the input side of a dense layer
+  ``mlp``                          hidden width of a feed-forward / projection output
+  ``heads``                        fused (heads × head_dim) width of q/k/v projections
+  ``norm``                         scale / bias of a normalisation layer
+  ``expert``                       the stacked-expert axis of mixture-of-experts modules
+Activations:
+  ``batch``, ``frames``, ``length``, ``act_embed``, ``act_heads``, ``height``, ``width``
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import flax.linen as nn
+
+Rules = tuple[tuple[str, str | tuple[str, ...] | None], ...]
+
+# FSDP shards the input side of every weight, tensor parallelism the output side (Megatron-style
+# column split for q/k/v and the MLP's first layer). A mesh axis may appear at most once per
+# PartitionSpec; flax drops a repeated mapping, so ordering here matters.
+DEFAULT_RULES: Rules = (
+    # parameters
+    ("conv_height", None),
+    ("conv_width", None),
+    ("conv_in", "fsdp"),
+    ("conv_out", "tensor"),
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("norm", None),
+    ("expert", None),
+    # activations
+    ("batch", ("data", "fsdp")),
+    ("frames", None),
+    ("length", None),
+    ("height", None),
+    ("width", None),
+    ("act_embed", None),
+    ("act_heads", "tensor"),
+)
+
+
+@contextlib.contextmanager
+def logical_rules(rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | None = None) -> Iterator[None]:
+    """Context in which ``nn.with_logical_constraint`` / spec look-ups use ``rules``."""
+    with nn.logical_axis_rules(tuple(rules) if rules is not None else DEFAULT_RULES):
+        yield
