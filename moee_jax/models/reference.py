@@ -29,7 +29,7 @@ def reference_features(refnet: VideoUNet, params, ref_latents: jax.Array, contex
     """Per-block reference states.
 
     ``ref_latents (B, h, w, C_lat)``, ``context (B, Lc, D)`` → a tree mirroring the U-Net's module
-    tree whose leaves ``.../transformer_blocks_k/norm1`` are ``(B, h_l·w_l, C_l)``.
+    tree whose leaves ``.../transformer_blocks_k/self_attn_states`` are ``(B, h_l·w_l, C_l)``.
     """
     b = ref_latents.shape[0]
     _, state = refnet.apply(

@@ -64,6 +64,7 @@ class SpatialTransformerBlock(nn.Module):
       2. cross-attention to context tokens ``context (B, Lc, Dc)`` (identity / image tokens);
       3. audio cross-attention to per-frame tokens ``audio (N, La, Da)``, output gated by
          ``audio_mask (N, L, 1)``, zero-initialised out-projection (Hallo's audio attention);
+         skipped when no audio is given;
       4. the emotion slot, a module ``emotion_slot(x, emotion)`` with ``emotion (B, Le, De)``;
       5. GEGLU feed-forward.
     With ``collect_reference`` the normalised input of (1) is sown into the ``reference``
@@ -97,11 +98,11 @@ class SpatialTransformerBlock(nn.Module):
         )
         h = layer_norm(name="norm1", dtype=self.dtype)(x)
         if collect_reference:
-            self.sow(REFERENCE_COLLECTION, "norm1", h)
-        ref = child(reference, "norm1")
+            self.sow(REFERENCE_COLLECTION, "self_attn_states", h)
+        ref = child(reference, "self_attn_states")
         x = x + attn("attn1")(h, extra_kv=ref, extra_kv_keep=reference_keep if ref is not None else None)
         x = x + attn("attn2")(layer_norm(name="norm2", dtype=self.dtype)(x), context)
-        if self.audio_dim is not None:
+        if self.audio_dim is not None and audio is not None:
             a = attn("audio_attn", zero_init_out=True)(layer_norm(name="norm_audio", dtype=self.dtype)(x), audio)
             x = x + (a if audio_mask is None else a * audio_mask.astype(a.dtype))
         if self.emotion_slot is not None:

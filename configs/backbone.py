@@ -1,0 +1,98 @@
+"""Backbone: VAE, video U-Net + ReferenceNet, noise schedule and sampler.
+
+Variants (``--config configs/backbone.py:VARIANT``):
+  tiny  CPU tests and the quick demo: seconds per step.
+  mid   benchmark size between tiny and SD1.5.
+  sd15  real Stable Diffusion 1.5 + AnimateDiff sizes (converted weights fit it), Hallo settings:
+        512×512 at 25 fps, 16 frames + 2 motion frames, v-prediction with zero-terminal-SNR,
+        trailing DDIM, 40 steps.
+Override any field: ``--config.model.unet.layers_per_block=1``.
+"""
+
+from ml_collections import ConfigDict
+
+VARIANTS = ("tiny", "mid", "sd15")
+
+
+def get_config(arg: str = "tiny") -> ConfigDict:
+    variant = arg or "tiny"
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown config variant {variant!r}; choose one of {VARIANTS}")
+    c = ConfigDict()
+    c.variant = variant
+    c.seed = 0
+    c.dtype = "float32"  # compute dtype of activations; "bfloat16" on accelerators
+
+    if variant == "sd15":
+        vae = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, norm_num_groups=32)
+        unet = dict(
+            block_out_channels=(320, 640, 1280, 1280),
+            down_attention=(True, True, True, False),
+            layers_per_block=2,
+            num_attention_heads=8,
+            cross_attention_dim=768,
+            norm_num_groups=32,
+            motion_num_attention_heads=8,
+            motion_norm_num_groups=32,
+            audio_dim=768,
+        )
+        video = dict(image_size=(512, 512), num_frames=16, motion_frames=2, fps=25)
+        face_locator = dict(channels=(16, 32, 64, 128))
+        sampler = dict(name="ddim", num_steps=40, spacing="trailing", eta=0.0)
+    elif variant == "mid":
+        vae = dict(block_out_channels=(32, 64, 128, 128), layers_per_block=1, norm_num_groups=16)
+        unet = dict(
+            block_out_channels=(64, 128, 256, 256),
+            down_attention=(True, True, True, False),
+            layers_per_block=2,
+            num_attention_heads=8,
+            cross_attention_dim=256,
+            norm_num_groups=32,
+            motion_num_attention_heads=8,
+            motion_norm_num_groups=32,
+            audio_dim=256,
+        )
+        video = dict(image_size=(256, 256), num_frames=8, motion_frames=2, fps=25)
+        face_locator = dict(channels=(8, 16, 32, 64))
+        sampler = dict(name="ddim", num_steps=25, spacing="trailing", eta=0.0)
+    else:
+        vae = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+        unet = dict(
+            block_out_channels=(32, 64),
+            down_attention=(True, False),
+            layers_per_block=1,
+            num_attention_heads=4,
+            cross_attention_dim=32,
+            norm_num_groups=8,
+            motion_num_attention_heads=4,
+            motion_norm_num_groups=8,
+            audio_dim=32,
+        )
+        # The tiny VAE downsamples 2×, so 32×32 images give 16×16 latents.
+        video = dict(image_size=(32, 32), num_frames=4, motion_frames=2, fps=25)
+        face_locator = dict(channels=(8, 16))
+        sampler = dict(name="ddim", num_steps=8, spacing="trailing", eta=0.0)
+
+    c.model = ConfigDict()
+    c.model.vae = ConfigDict(dict(vae, latent_channels=4, scaling_factor=0.18215))
+    c.model.unet = ConfigDict(unet)
+    c.model.unet.attention_implementation = "xla"  # "cudnn" on NVIDIA GPUs, "pallas" on TPU
+    c.model.face_locator = ConfigDict(face_locator)
+    c.model.context_tokens = 4  # identity / image tokens fed to cross-attention
+
+    c.video = ConfigDict(video)
+    c.diffusion = ConfigDict(
+        dict(
+            beta_schedule="scaled_linear",
+            beta_start=0.00085,
+            beta_end=0.012,
+            num_train_timesteps=1000,
+            rescale_zero_terminal_snr=True,
+            prediction_type="v_prediction",
+        )
+    )
+    c.sampler = ConfigDict(sampler)
+    # Nested CFG scales, in condition order: reference, audio, emotion (Hallo uses 3.5 overall).
+    c.guidance = ConfigDict(dict(reference=2.0, audio=3.5, emotion=3.5))
+    c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))
+    return c
