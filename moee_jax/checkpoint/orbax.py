@@ -1,0 +1,45 @@
+"""Orbax I/O for parameter trees (converted weights; the trainer's managers build on the same calls).
+
+A parameter checkpoint is a directory holding ``params/`` (an Orbax ``StandardCheckpointer``
+tree) and ``metadata.json`` (what it holds, the config it fits, and its provenance).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def save_params(directory: str | pathlib.Path, params: dict, metadata: dict) -> pathlib.Path:
+    """Write ``params`` (any pytree of arrays) and ``metadata`` under ``directory``."""
+    directory = pathlib.Path(directory).absolute()
+    if (directory / "params").exists():
+        raise FileExistsError(f"{directory} already holds a checkpoint; choose a new --out directory")
+    directory.mkdir(parents=True, exist_ok=True)
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(directory / "params", params)
+        ckptr.wait_until_finished()
+    (directory / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    return directory
+
+
+def load_metadata(directory: str | pathlib.Path) -> dict:
+    path = pathlib.Path(directory) / "metadata.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{directory}: not a moee_jax parameter checkpoint (no metadata.json)")
+    return json.loads(path.read_text())
+
+
+def restore_params(directory: str | pathlib.Path, abstract: dict | None = None) -> dict:
+    """Read ``params`` back; ``abstract`` (ShapeDtypeStructs, optionally with shardings) places
+    every leaf directly on its devices, which is how a different mesh restores the same tree."""
+    directory = pathlib.Path(directory).absolute()
+    if not (directory / "params").exists():
+        raise FileNotFoundError(f"{directory}: no params/ inside; is this a moee_jax parameter checkpoint?")
+    with ocp.StandardCheckpointer() as ckptr:
+        if abstract is None:
+            return ckptr.restore(directory / "params")
+        return ckptr.restore(directory / "params", jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, abstract))
