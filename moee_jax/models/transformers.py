@@ -52,7 +52,9 @@ class FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = GEGLU(self.dim * self.mult, dtype=self.dtype, name="net_0")(x)
-        return dense(self.dim, ("mlp", "embed"), name="net_2", dtype=self.dtype)(h)
+        return nn.with_logical_constraint(
+            dense(self.dim, ("mlp", "embed"), name="net_2", dtype=self.dtype)(h), ("batch", "length", "act_embed")
+        )
 
 
 class SpatialTransformerBlock(nn.Module):
@@ -150,7 +152,9 @@ class Transformer2D(nn.Module):
                 name=f"transformer_blocks_{i}",
             )(h, context, reference=child(reference, f"transformer_blocks_{i}"), audio_mask=mask, **kw)
         if self.use_linear_projection:
-            h = dense(c, ("mlp", "embed"), name="proj_out", dtype=self.dtype)(h).reshape(n, hgt, wid, c)
+            h = nn.with_logical_constraint(
+                dense(c, ("mlp", "embed"), name="proj_out", dtype=self.dtype)(h), ("batch", "length", "act_embed")
+            ).reshape(n, hgt, wid, c)
         else:
             h = conv(c, 1, name="proj_out", dtype=self.dtype)(h.reshape(n, hgt, wid, self.channels))
         return h + x
@@ -210,5 +214,6 @@ class TemporalTransformer(nn.Module):
                 c, self.heads, self.max_frames, self.implementation, self.dtype, name=f"transformer_blocks_{i}"
             )(h)
         h = dense(c, ("mlp", "embed"), zero_init=True, name="proj_out", dtype=self.dtype)(h)
+        h = nn.with_logical_constraint(h, ("batch", "length", "act_embed"))
         h = h.reshape(b, hgt, wid, f, c).transpose(0, 3, 1, 2, 4)
         return fold_frames(h) + x

@@ -54,6 +54,8 @@ class VAEAttentionBlock(nn.Module):
         q, k, v = project("to_q"), project("to_k"), project("to_v")
         out = dot_product_attention(q, k, v, implementation=self.implementation)
         out = dense(c, ("heads", "embed"), name="to_out_0", dtype=self.dtype)(out.reshape(b, h * w, c))
+        # Row-parallel output replicated over 'tensor' (see moee_jax.parallel.rules).
+        out = nn.with_logical_constraint(out, ("batch", "length", "act_embed"))
         return x + out.reshape(b, h, w, c)
 
 

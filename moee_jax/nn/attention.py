@@ -126,6 +126,9 @@ class Attention(nn.Module):
         )
         out = dot_product_attention(split(to_q(x)), split(k), split(v), mask, implementation=self.implementation)
         out = out.reshape(b, lq, inner)
-        return dense(
+        # Row-parallel output: constrain to act_embed (tensor-replicated). Leaving the sharding to
+        # propagation lets XLA's SPMD dot handler mis-order the batch for a ('data','fsdp') batch
+        # with a P('tensor','fsdp') kernel (see parallel/rules.py).
+        return nn.with_logical_constraint(dense(
             self.out_features or c, ("heads", "embed"), zero_init=self.zero_init_out, name="to_out_0", dtype=self.dtype
-        )(out)
+        )(out), ("batch", "length", "act_embed"))

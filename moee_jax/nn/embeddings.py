@@ -40,7 +40,9 @@ class TimestepEmbedding(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         x = dense(self.features, ("embed", "mlp"), name="linear_1", dtype=self.dtype)(x)
-        return dense(self.features, ("mlp", "embed"), name="linear_2", dtype=self.dtype)(nn.silu(x))
+        x = dense(self.features, ("mlp", "embed"), name="linear_2", dtype=self.dtype)(nn.silu(x))
+        # Row-parallel output replicated over 'tensor' (see moee_jax.parallel.rules).
+        return nn.with_logical_constraint(x, ("batch", "act_embed"))
 
 
 def sinusoidal_positions(length: int, dim: int) -> np.ndarray:

@@ -16,6 +16,14 @@ Parameters:
   ``expert``                       the stacked-expert axis of mixture-of-experts modules
 Activations:
   ``batch``, ``frames``, ``length``, ``act_embed``, ``act_heads``, ``height``, ``width``
+
+Row-parallel outputs (``to_out_0``, ``net_2``, ``proj_out``: kernels ``(heads|mlp, embed)`` →
+``P('tensor', 'fsdp')``) are constrained to ``("batch", "length", "act_embed")`` in model code.
+Without that, propagation shards their output width on ``tensor``, and XLA's SPMD dot handler
+(Shardy and GSPMD alike, jaxlib 0.10.2) miscompiles ``x[B@(data,fsdp), K@tensor] @
+w[K@tensor, N@fsdp] -> y[B@(data,fsdp), N@tensor]`` when data and fsdp are both > 1: it
+collective-permutes x between devices (d, f) <-> (f, d) and never permutes back, swapping the
+samples of devices whose data and fsdp indices differ. Keep ``act_embed`` unsharded (None).
 """
 
 from __future__ import annotations
