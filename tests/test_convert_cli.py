@@ -64,6 +64,7 @@ def test_moee_convert_writes_a_restorable_checkpoint_listing_new_modules(sources
     assert proc.returncode == 0, proc.stderr[-3000:]
     meta = load_metadata(out)
     assert meta["initialised"]["vae"] == []
+    assert meta["initialised"]["face_locator"] and meta["initialised"]["reference_net"] == []
     assert meta["initialised"]["unet"] and all("audio" in m for m in meta["initialised"]["unet"])
     params = restore_params(out)
     state = load_file(str(sources / "unet" / "diffusion_pytorch_model.safetensors"))

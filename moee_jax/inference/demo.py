@@ -24,8 +24,8 @@ from moee_jax.models.build import build_backbone, init_backbone_params
 from moee_jax.models.vae import decode_latents, encode_to_latents
 
 
-def synthetic_portrait(height: int, width: int) -> np.ndarray:
-    """A simple drawn face (skin ellipse, eyes, mouth) in [-1, 1], (H, W, 3)."""
+def synthetic_portrait(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
+    """A simple drawn face (skin ellipse, eyes, mouth) in [-1, 1], (H, W, 3), and its face mask (H, W)."""
     y, x = np.mgrid[0:height, 0:width].astype(np.float32)
     cy, cx = height / 2, width / 2
     img = np.ones((height, width, 3), np.float32) * np.array([0.2, 0.3, 0.5], np.float32)
@@ -35,7 +35,7 @@ def synthetic_portrait(height: int, width: int) -> np.ndarray:
         img[((x - ex) ** 2 + (y - (cy - 0.1 * height)) ** 2) < (0.04 * width) ** 2] = (0.1, 0.1, 0.1)
     mouth = (np.abs(x - cx) < 0.12 * width) & (np.abs(y - (cy + 0.2 * height)) < 0.03 * height)
     img[mouth] = (0.6, 0.1, 0.1)
-    return img * 2 - 1
+    return img * 2 - 1, face.astype(np.float32)
 
 
 def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, checkpoint: str | None = None) -> dict:
@@ -47,13 +47,16 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, checkpoint: str | 
         load_metadata(checkpoint)
         params = restore_params(checkpoint)
     else:
-        params = init_backbone_params(backbone, jax.random.key(config.seed))
+        params = init_backbone_params(backbone, config.seed)
 
     h, w = config.video.image_size
     f, m = config.video.num_frames, config.video.motion_frames
     rng = jax.random.key(config.seed + 1)
     r_ctx, r_audio, r_noise = jax.random.split(rng, 3)
-    image = jnp.asarray(synthetic_portrait(h, w))[None]
+    portrait, face_mask = synthetic_portrait(h, w)
+    image = jnp.asarray(portrait)[None]
+    face_mask = jnp.broadcast_to(jnp.asarray(face_mask)[None, None, :, :, None], (1, f, h, w, 1))
+    face_features = jax.jit(backbone.face_locator.apply)({"params": params["face_locator"]}, face_mask)
     encode = jax.jit(lambda p, x: encode_to_latents(backbone.vae, p, x))
     ref_latents = encode(params["vae"], image)
     ucfg = backbone.unet.config
@@ -62,6 +65,7 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, checkpoint: str | 
         context=jax.random.normal(r_ctx, (1, config.model.context_tokens, ucfg.cross_attention_dim)),
         audio=None if ucfg.audio_dim is None else jax.random.normal(r_audio, (1, f, 4, ucfg.audio_dim)),
         motion_frames=jnp.repeat(ref_latents[:, None], m, axis=1) if m else None,
+        face_locator=face_features,
     )
     schedule = make_schedule(**config.diffusion.to_dict())
     plan = make_plan(SamplerConfig(**config.sampler.to_dict()), schedule)

@@ -67,7 +67,8 @@ class SpatialTransformerBlock(nn.Module):
       3. audio cross-attention to per-frame tokens ``audio (N, La, Da)``, output gated by
          ``audio_mask (N, L, 1)``, zero-initialised out-projection (Hallo's audio attention);
          skipped when no audio is given;
-      4. the emotion slot, a module ``emotion_slot(x, emotion)`` with ``emotion (B, Le, De)``;
+      4. the emotion slot, a module ``emotion_slot(x, emotion)`` with ``emotion (B, Le, De)``,
+         skipped when no emotion is given;
       5. GEGLU feed-forward.
     With ``collect_reference`` the normalised input of (1) is sown into the ``reference``
     collection: that is what ReferenceNet hands to the denoising U-Net.
@@ -107,7 +108,7 @@ class SpatialTransformerBlock(nn.Module):
         if self.audio_dim is not None and audio is not None:
             a = attn("audio_attn", zero_init_out=True)(layer_norm(name="norm_audio", dtype=self.dtype)(x), audio)
             x = x + (a if audio_mask is None else a * audio_mask.astype(a.dtype))
-        if self.emotion_slot is not None:
+        if self.emotion_slot is not None and emotion is not None:
             x = self.emotion_slot(name="emotion")(x, emotion)
         x = x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(name="norm3", dtype=self.dtype)(x))
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed"))

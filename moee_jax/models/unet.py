@@ -15,7 +15,7 @@ Boundary shapes (channels last):
   reference_keep (B,) bool               False drops the reference for that clip (CFG branch)
   audio          (B, F, La, D_audio)     per-frame audio tokens
   audio_mask     (B, F, h, w)            region gate of the audio attention (full / face / lip)
-  emotion        (B, Le, D_emo)          emotion tokens for the emotion slot
+  emotion        (B, Le, D_emo)          emotion tokens for the emotion slot (skipped when None)
   face_locator   (B, F, h, w, C_0)       face-locator features added after ``conv_in``
   → output       (B, F, h, w, C_out)
 """
@@ -64,7 +64,10 @@ class UNetConfig:
     motion_norm_num_groups: int = 32
     motion_mid_block: bool = True
     audio_dim: int | None = 768
+    # The emotion slot: a module factory ``slot(name=...)`` called as ``slot(x, emotion)`` inside every
+    # spatial transformer block; ``emotion_dim`` is the width of its tokens.
     emotion_slot: Callable[..., nn.Module] | None = None
+    emotion_dim: int | None = None
     attention_implementation: str = "xla"
 
     @classmethod
@@ -208,7 +211,7 @@ class VideoUNet(nn.Module):
     ) -> jax.Array:
         cfg = self.config
         b, f, h, w, _ = sample.shape
-        self._check_inputs(sample, timesteps, context, audio)
+        self._check_inputs(sample, timesteps, context, audio, emotion)
         m = 0 if motion_frames is None else motion_frames.shape[1]
         x = sample if m == 0 else jnp.concatenate([motion_frames.astype(sample.dtype), sample], axis=1)
         frames = f + m
@@ -273,7 +276,7 @@ class VideoUNet(nn.Module):
             gate = jnp.concatenate([jnp.zeros((b, m, h, w), dtype), gate], axis=1)
         return fold_frames(audio), fold_frames(gate)
 
-    def _check_inputs(self, sample, timesteps, context, audio):
+    def _check_inputs(self, sample, timesteps, context, audio, emotion):
         cfg = self.config
         if sample.ndim != 5:
             raise ValueError(f"sample must be (B, F, h, w, C) video latents, got shape {sample.shape}")
@@ -290,6 +293,11 @@ class VideoUNet(nn.Module):
             raise ValueError(
                 f"context must be (B={b}, L, {cfg.cross_attention_dim}) tokens, got shape {context.shape}"
             )
+        if emotion is not None:
+            if cfg.emotion_slot is None:
+                raise ValueError("emotion tokens were given but this U-Net has no emotion slot (emotion_slot=None)")
+            if emotion.ndim != 3 or emotion.shape[0] != b or (cfg.emotion_dim and emotion.shape[-1] != cfg.emotion_dim):
+                raise ValueError(f"emotion must be (B={b}, Le, {cfg.emotion_dim}) tokens, got shape {emotion.shape}")
         if audio is not None:
             if cfg.audio_dim is None:
                 raise ValueError("audio tokens were given but this U-Net has no audio attention (audio_dim=None)")

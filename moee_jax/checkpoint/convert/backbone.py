@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import pathlib
 
-import jax
 from ml_collections import ConfigDict
 
 from moee_jax.checkpoint.convert.unet import convert_unet
 from moee_jax.checkpoint.convert.vae import convert_vae
 from moee_jax.checkpoint.orbax import save_params
-from moee_jax.models.build import build_backbone, init_backbone_params
+from moee_jax.models.build import build_backbone, init_part, part_rng
 
 
 def convert_backbone(
@@ -29,17 +28,25 @@ def convert_backbone(
 ) -> dict:
     """Convert, validate and save; returns the metadata written beside the params."""
     backbone = build_backbone(config)
-    fresh = init_backbone_params(backbone, jax.random.key(config.seed))
+
+    def fresh(part):
+        return lambda: init_part(backbone, part, part_rng(config.seed, part))
+
     denoiser = convert_unet(
-        unet, backbone.unet, motion_adapter=motion_adapter, init_params=fresh["unet"], allow_pickle=allow_pickle
+        unet, backbone.unet, motion_adapter=motion_adapter, init_params=fresh("unet"), allow_pickle=allow_pickle
     )
-    reference = convert_unet(unet, backbone.refnet, init_params=fresh["reference_net"], allow_pickle=allow_pickle)
-    params = {"unet": denoiser.params, "reference_net": reference.params}
-    initialised = {"unet": denoiser.initialised, "reference_net": reference.initialised, "vae": []}
+    reference = convert_unet(unet, backbone.refnet, init_params=fresh("reference_net"), allow_pickle=allow_pickle)
+    params = {"unet": denoiser.params, "reference_net": reference.params, "face_locator": fresh("face_locator")()}
+    initialised = {
+        "unet": denoiser.initialised,
+        "reference_net": reference.initialised,
+        "face_locator": ["(all: SD has no face locator)"],
+        "vae": [],
+    }
     if vae is not None:
         params["vae"] = convert_vae(vae, backbone.vae, allow_pickle=allow_pickle)
     else:
-        params["vae"] = fresh["vae"]
+        params["vae"] = fresh("vae")()
         initialised["vae"] = ["(all: no --vae given)"]
     metadata = {
         "kind": "backbone_params",

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import pathlib
 import re
+from collections.abc import Callable
 
 import flax.linen as nn
 import jax
@@ -75,13 +76,13 @@ def convert_unet(
     unet: VideoUNet,
     *,
     motion_adapter: str | pathlib.Path | None = None,
-    init_params: dict | None = None,
+    init_params: dict | Callable[[], dict] | None = None,
     allow_pickle: bool = False,
 ) -> UNetConversion:
     """Convert a diffusers U-Net folder / file (and optionally motion-adapter weights) for ``unet``.
 
-    ``init_params`` (unboxed) supplies values for modules absent from the sources; when omitted,
-    absent modules must be none.
+    ``init_params`` (unboxed params, or a function returning them, called only when needed)
+    supplies values for modules absent from the sources; when omitted, absent modules must be none.
     """
     target = nn.unbox(abstract_unet_variables(unet))["params"]
     unet_file = find_weight_file(unet_path)
@@ -110,7 +111,7 @@ def convert_unet(
             raise ConversionError(
                 f"{source_names}: {len(initialised)} parameters are not in the source and no initial values were given"
             )
-        flat_init = traverse_util.flatten_dict(init_params)
+        flat_init = traverse_util.flatten_dict(init_params() if callable(init_params) else init_params)
         for p in initialised:
             converted[p] = np.asarray(flat_init[p])
     return UNetConversion(
