@@ -179,5 +179,5 @@ def test_wrong_shape_is_reported(vae, vae_dir, tmp_path):
 def test_pickle_file_is_refused(torch, torch_vae, vae, tmp_path):
     path = tmp_path / "diffusion_pytorch_model.bin"
     torch.save(torch_vae.state_dict(), path)
-    with pytest.raises(ConversionError, match="pickle.*--allow-pickle"):
+    with pytest.raises(ConversionError, match="pickle.*--allow_pickle"):
         convert_vae(tmp_path, vae)

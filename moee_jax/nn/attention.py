@@ -40,7 +40,9 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if implementation == "pallas":
         return _pallas_tpu_attention(q, k, v, mask, scale)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    # Scaling q (B·Lq·H·D values) rather than the logits (B·H·Lq·Lk) keeps XLA from materialising
+    # a second logits-sized tensor.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)

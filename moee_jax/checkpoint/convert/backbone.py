@@ -27,6 +27,8 @@ def convert_backbone(
     allow_pickle: bool = False,
 ) -> dict:
     """Convert, validate and save; returns the metadata written beside the params."""
+    if (pathlib.Path(out) / "params").exists():
+        raise FileExistsError(f"{out} already holds a checkpoint; choose a new --out directory")
     backbone = build_backbone(config)
 
     def fresh(part):

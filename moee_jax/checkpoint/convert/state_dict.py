@@ -44,7 +44,7 @@ def load_state_dict(path: str | pathlib.Path, *, allow_pickle: bool = False) -> 
         if not allow_pickle:
             raise ConversionError(
                 f"{path}: refusing to load a pickle-based '{path.suffix}' file, because unpickling can execute "
-                "arbitrary code. Convert it to .safetensors, or pass --allow-pickle if you trust its source."
+                "arbitrary code. Convert it to .safetensors, or pass --allow_pickle if you trust its source."
             )
         return _load_pickle(path)
     if path.name.endswith(".safetensors.index.json"):
