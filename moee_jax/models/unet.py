@@ -175,8 +175,9 @@ class UpLevel(_Level):
 
     @nn.compact
     def __call__(self, h, skips, temb, cond):
-        for i in range(self.cfg.layers_per_block + 1):
-            h = jnp.concatenate([h, skips.pop()], axis=-1)
+        """``skips``: this level's ``layers_per_block + 1`` skip states, deepest last."""
+        for i, skip in enumerate(reversed(skips)):
+            h = jnp.concatenate([h, skip], axis=-1)
             h = self.attend(i, self.resnet(i)(h, temb), cond)
         if not self.last:
             h = Upsample2D(self.channels, dtype=self.dtype, name="upsamplers_0")(h)
@@ -248,9 +249,11 @@ class VideoUNet(nn.Module):
         )
         for i, ch in enumerate(reversed(cfg.block_out_channels)):
             level = levels - 1 - i
+            n = cfg.layers_per_block + 1
+            skips, level_skips = skips[:-n], skips[-n:]
             x = UpLevel(
                 cfg, ch, level, cfg.down_attention[level], frames, self.dtype, last=i == levels - 1, name=f"up_blocks_{i}"
-            )(x, skips, temb, self._level_cond(cond, f"up_blocks_{i}", x))
+            )(x, level_skips, temb, self._level_cond(cond, f"up_blocks_{i}", x))
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", dtype=self.dtype)(x))
         x = conv(cfg.out_channels, 3, name="conv_out", dtype=self.dtype)(x)

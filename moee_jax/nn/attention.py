@@ -6,13 +6,25 @@
 * ``"cudnn"``  — ``jax.nn.dot_product_attention(implementation="cudnn")``: fused flash attention
   on NVIDIA GPUs; needs fp16/bf16 inputs.
 * ``"pallas"`` — the Pallas TPU flash-attention kernel shipped with JAX.
+* ``"blockwise"`` — memory-efficient flash-style attention in pure JAX (Rabe & Staats 2021,
+  "Self-attention Does Not Need O(n²) Memory"; Dao et al. 2022, FlashAttention, Alg. 1–2, with the
+  FlashAttention-2 backward of Dao 2023). Runs everywhere, any head dim and dtype: the fallback
+  where cuDNN refuses (head dim > 128, e.g. SD1.5's 160, or fp32), and on CPU much less memory
+  traffic than ``"xla"`` for long sequences. See :func:`blockwise_attention`.
 
 Shapes: ``q (B, Lq, H, D)``, ``k, v (B, Lk, H, D)``, boolean ``mask`` broadcastable to
 ``(B, H, Lq, Lk)`` with ``True`` = may attend. Output ``(B, Lq, H, D)``.
+
+Fully masked query rows (no key may be attended): ``"blockwise"`` returns zeros for them (and zero
+gradients). ``"xla"`` fills masked logits with the most negative finite float, so such a row gets
+the *uniform* average of all values, as diffusers' additive-mask attention does; the two agree on
+every row that can attend to at least one key. Our models never build fully masked rows (a
+sample's own tokens are always kept).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import flax.linen as nn
@@ -21,7 +33,12 @@ import jax.numpy as jnp
 
 from moee_jax.nn.layers import dense
 
-IMPLEMENTATIONS = ("xla", "cudnn", "pallas")
+IMPLEMENTATIONS = ("xla", "cudnn", "pallas", "blockwise")
+
+# Default blocks of the "blockwise" implementation, chosen by measurement on CPU (see
+# benchmarks/RESULTS.md); a query block × key block of logits per (batch, head) is the working set.
+BLOCK_Q = 512
+BLOCK_K = 512
 
 
 def dot_product_attention(
@@ -31,8 +48,14 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     *,
     implementation: str = "xla",
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
 ) -> jax.Array:
-    """Multi-head attention core; see the module docstring for shapes and backends."""
+    """Multi-head attention core; see the module docstring for shapes and backends.
+
+    ``block_q`` / ``block_k`` are the query / key block sizes of ``implementation="blockwise"``
+    (ignored by the others).
+    """
     if implementation not in IMPLEMENTATIONS:
         raise ValueError(f"attention implementation {implementation!r}: expected one of {IMPLEMENTATIONS}")
     scale = 1.0 / math.sqrt(q.shape[-1])
@@ -40,6 +63,8 @@ def dot_product_attention(
         return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale, implementation="cudnn")
     if implementation == "pallas":
         return _pallas_tpu_attention(q, k, v, mask, scale)
+    if implementation == "blockwise":
+        return blockwise_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
     # Scaling q (B·Lq·H·D values) rather than the logits (B·H·Lq·Lk) keeps XLA from materialising
     # a second logits-sized tensor.
     logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
