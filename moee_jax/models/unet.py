@@ -10,7 +10,9 @@ Boundary shapes (channels last):
   timesteps      (B,)                    int or float diffusion time
   context        (B, Lc, D_ctx)          identity / image tokens for cross-attention
   motion_frames  (B, M, h, w, C_lat)     clean latents of the previous clip's last frames,
-                                         prepended along time; only the F frames are returned
+                                         prepended along time (they share the clip's timestep
+                                         embedding, get no audio, and reach the clip only through
+                                         temporal attention); only the F frames are returned
   reference      ReferenceNet tree       per-block ``(B, h_l·w_l, C_l)`` states (see reference.py)
   reference_keep (B,) bool               False drops the reference for that clip (CFG branch)
   audio          (B, F, La, D_audio)     per-frame audio tokens
@@ -216,7 +218,6 @@ class VideoUNet(nn.Module):
         m = 0 if motion_frames is None else motion_frames.shape[1]
         x = sample if m == 0 else jnp.concatenate([motion_frames.astype(sample.dtype), sample], axis=1)
         frames = f + m
-        n = b * frames
 
         temb = timestep_embedding(
             jnp.broadcast_to(timesteps, (b,)), cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
