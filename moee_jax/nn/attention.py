@@ -30,6 +30,7 @@ import math
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moee_jax.nn.layers import dense
 
@@ -72,6 +73,191 @@ def dot_product_attention(
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
     return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def blockwise_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    block_q: int = BLOCK_Q,
+    block_k: int = BLOCK_K,
+) -> jax.Array:
+    """Flash-style attention in pure JAX: ``softmax(q kᵀ / √d) v`` without the (Lq, Lk) matrix.
+
+    Forward (Dao et al. 2022, FlashAttention, Alg. 1; Rabe & Staats 2021): for each query block,
+    loop over key/value blocks keeping a running row max ``m``, normaliser ``l`` and unnormalised
+    output in fp32 ("online softmax", Milakov & Gimelshein 2018). A ``jax.custom_vjp`` saves only
+    the output ``O`` and the per-row logsumexp; the backward (Dao 2023, FlashAttention-2, Alg. 2)
+    recomputes ``P = exp(S − lse)`` block by block with ``Dᵢ = rowsum(dO ∘ O)`` and
+    ``dS = P ∘ (dP − D)``. Peak extra memory is one ``(B, H, block_q, block_k)`` block instead of
+    several ``(B, H, Lq, Lk)`` tensors, and the loops are ``lax.scan``/``lax.map`` so the program
+    does not grow with the length.
+
+    Same shapes and mask convention as :func:`dot_product_attention`. Lengths need not be multiples
+    of the blocks (padded internally; padded keys are masked). Inputs may be bf16: logits,
+    softmax statistics and accumulators are fp32, the output has the input dtype. Fully masked
+    query rows give zeros. When all keys fit in one block the plain einsum path is used (same
+    result; the online softmax buys nothing there and XLA fuses the plain path better).
+    """
+    b, lq, h, d = q.shape
+    lk = k.shape[1]
+    scale = 1.0 / math.sqrt(d)
+    if mask is not None:
+        mask = jnp.asarray(mask, bool)
+        mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)  # (Bm, Hm, Lqm, Lkm), size-1 = broadcast
+    # Same rounding as the xla path: scale q in its own dtype before QKᵀ.
+    q = q * jnp.asarray(scale, q.dtype)
+    if lk <= block_k:
+        return _single_block_attention(q, k, v, mask)
+
+    bq, nq = _blocks(lq, block_q)
+    bk, nk = _blocks(lk, block_k)
+    lqp, lkp = bq * nq, bk * nk
+    # (B, L, H, D) → (B, H, L, D): every block op is then a batched (B·H) matmul.
+    qt, kt, vt = (t.transpose(0, 2, 1, 3) for t in (q, k, v))
+    qt = _pad_axis(qt, 2, lqp)
+    kt, vt = _pad_axis(kt, 2, lkp), _pad_axis(vt, 2, lkp)
+    if lkp != lk:  # padded keys must never be attended
+        if mask is None:
+            mask = jnp.ones((1, 1, 1, lk), bool)
+        if mask.shape[3] == 1:
+            mask = jnp.broadcast_to(mask, mask.shape[:3] + (lk,))
+        mask = _pad_axis(mask, 3, lkp, False)
+    if mask is not None and mask.shape[2] != 1:
+        mask = _pad_axis(mask, 2, lqp, True)  # padded query rows are discarded anyway
+    out = _flash(bq, bk, mask is not None)(qt, kt, vt, mask)
+    return out[:, :, :lq].transpose(0, 2, 1, 3)
+
+
+def _blocks(length: int, block: int) -> tuple[int, int]:
+    """``(size, count)`` of equal blocks covering ``length`` with the least padding (size ≤ block)."""
+    n = -(-length // block)
+    even = -(-length // n)  # balanced blocks, e.g. 1100 → 3 × 367 rather than 3 × 512
+    return min(block, -(-even // 8) * 8), n  # rounded up to 8 (vector lanes)
+
+
+def _pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
+    if x.shape[axis] == size:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, size - x.shape[axis])
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def _single_block_attention(q, k, v, mask):
+    """Plain attention on pre-scaled ``q``, zeroing fully masked rows like the blockwise path."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    if mask is None:
+        return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)  # finite: no NaN in softmax or its VJP
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    any_key = jnp.any(mask, axis=-1, keepdims=True).transpose(0, 2, 1, 3)  # (Bm, Lqm, Hm, 1)
+    return jnp.where(any_key, out, jnp.zeros((), out.dtype))
+
+
+def _slice(x: jax.Array, axis: int, start, size: int) -> jax.Array:
+    """Block of ``x`` along ``axis``, or ``x`` itself where that axis is broadcast (size 1)."""
+    return x if x.shape[axis] == 1 else jax.lax.dynamic_slice_in_dim(x, start, size, axis)
+
+
+def _unblock(x: jax.Array) -> jax.Array:
+    """``(n, B, H, blk, ...)`` stacked by a loop → ``(B, H, n·blk, ...)``."""
+    n, b, h, blk = x.shape[:4]
+    return jnp.moveaxis(x, 0, 2).reshape((b, h, n * blk) + x.shape[4:])
+
+
+@functools.lru_cache(maxsize=None)
+def _flash(bq: int, bk: int, has_mask: bool):
+    """The custom-VJP kernel on ``(B, H, L, D)`` inputs (q pre-scaled, lengths multiples of the blocks)."""
+    f32 = jnp.float32
+
+    def logits(qi, kj, mask, i, j):
+        s = jnp.einsum("bhqd,bhkd->bhqk", qi, kj, preferred_element_type=f32)
+        if has_mask:
+            s = jnp.where(_slice(_slice(mask, 2, i * bq, bq), 3, j * bk, bk), s, -jnp.inf)
+        return s
+
+    def forward(q, k, v, mask):
+        nq, nk = q.shape[2] // bq, k.shape[2] // bk
+
+        def q_block(i):
+            qi = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, 2)
+
+            def kv_step(carry, j):
+                acc, m, l = carry
+                kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
+                vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, 2)
+                s = logits(qi, kj, mask, i, j)
+                m_new = jnp.maximum(m, s.max(-1))
+                # A row with no unmasked key so far has m = −inf; shift by 0 there so that
+                # exp(−inf − (−inf)) never produces NaN (its p and alpha are then exactly 0).
+                m_safe = jnp.where(jnp.isneginf(m_new), 0.0, m_new) if has_mask else m_new
+                p = jnp.exp(s - m_safe[..., None])
+                alpha = jnp.exp(m - m_safe)  # rescales what was accumulated under the old max
+                l = alpha * l + p.sum(-1)
+                acc = alpha[..., None] * acc + jnp.einsum(
+                    "bhqk,bhkd->bhqd", p.astype(v.dtype), vj, preferred_element_type=f32
+                )
+                return (acc, m_new, l), None
+
+            shape = qi.shape[:3]
+            init = (jnp.zeros(qi.shape, f32), jnp.full(shape, -jnp.inf, f32), jnp.zeros(shape, f32))
+            (acc, m, l), _ = jax.lax.scan(kv_step, init, jnp.arange(nk))
+            seen = l > 0  # False only for fully masked rows
+            out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+            # lse = +inf on fully masked rows makes the backward's exp(s − lse) exactly 0 there.
+            lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), jnp.inf)
+            return out.astype(q.dtype), lse
+
+        out, lse = jax.lax.map(q_block, jnp.arange(nq))
+        return _unblock(out), _unblock(lse)
+
+    @jax.custom_vjp
+    def flash(q, k, v, mask):
+        return forward(q, k, v, mask)[0]
+
+    def flash_fwd(q, k, v, mask):
+        out, lse = forward(q, k, v, mask)
+        return out, (q, k, v, mask, out, lse)  # O(L) residuals: no (Lq, Lk) tensor is saved
+
+    def flash_bwd(res, d_out):
+        q, k, v, mask, out, lse = res
+        nq, nk = q.shape[2] // bq, k.shape[2] // bk
+        delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # D = rowsum(dO ∘ O)
+
+        # FlashAttention-2 order: outer loop over key blocks (dK_j, dV_j stay in registers/cache),
+        # inner loop over query blocks; each inner step also yields its share of dQ_i.
+        def kv_block(d_q, j):
+            kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
+            vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, 2)
+
+            def q_step(carry, i):
+                d_k, d_v = carry
+                qi = jax.lax.dynamic_slice_in_dim(q, i * bq, bq, 2)
+                d_oi = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, 2)
+                lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, 2)
+                delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, 2)
+                p = jnp.exp(logits(qi, kj, mask, i, j) - lse_i[..., None])  # recomputed, not stored
+                d_v = d_v + jnp.einsum("bhqk,bhqd->bhkd", p.astype(d_out.dtype), d_oi, preferred_element_type=f32)
+                d_p = jnp.einsum("bhqd,bhkd->bhqk", d_oi, vj, preferred_element_type=f32)
+                d_s = p * (d_p - delta_i[..., None])
+                d_k = d_k + jnp.einsum("bhqk,bhqd->bhkd", d_s.astype(q.dtype), qi, preferred_element_type=f32)
+                d_qi = jnp.einsum("bhqk,bhkd->bhqd", d_s.astype(k.dtype), kj, preferred_element_type=f32)
+                return (d_k, d_v), d_qi
+
+            init = (jnp.zeros(kj.shape, f32), jnp.zeros(vj.shape, f32))
+            (d_k, d_v), d_q_parts = jax.lax.scan(q_step, init, jnp.arange(nq))
+            return d_q + _unblock(d_q_parts), (d_k, d_v)
+
+        d_q, (d_k, d_v) = jax.lax.scan(kv_block, jnp.zeros(q.shape, f32), jnp.arange(nk))
+        d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
+        return d_q.astype(q.dtype), _unblock(d_k).astype(k.dtype), _unblock(d_v).astype(v.dtype), d_mask
+
+    flash.defvjp(flash_fwd, flash_bwd)
+    return flash
 
 
 def _pallas_tpu_attention(q, k, v, mask, scale):

@@ -5,7 +5,7 @@ Our module names mirror diffusers' so that a key converts by rule, not by table
 
 * a numeric key part joins the previous one with ``_`` (``resnets.1`` → ``resnets_1``);
 * ``weight`` becomes ``kernel`` (dense / conv) or ``scale`` (norms), whichever the target has;
-* conv kernels go OIHW → HWIO, dense kernels are transposed.
+* conv kernels go OIHW → HWIO (1-D: OIK → KIO), dense kernels are transposed.
 
 Every converter checks the whole tree: missing, unexpected and shape-mismatched keys are all
 reported in one :class:`ConversionError`.
@@ -116,6 +116,8 @@ def _to_flax_array(leaf: str, value: np.ndarray, target_leaves: Iterable[str]) -
     if "kernel" in target_leaves:
         if value.ndim == 4:
             return "kernel", value.transpose(2, 3, 1, 0)
+        if value.ndim == 3:  # Conv1d (out, in, k) → (k, in, out)
+            return "kernel", value.transpose(2, 1, 0)
         if value.ndim == 2:
             return "kernel", value.T
         return "kernel", value
