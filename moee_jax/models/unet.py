@@ -248,6 +248,9 @@ class VideoUNet(nn.Module):
         x = MidLevel(cfg, cfg.block_out_channels[-1], levels - 1, True, frames, self.dtype, name="mid_block")(
             x, temb, self._level_cond(cond, "mid_block", x)
         )
+        # Bottleneck features (B·(M+F), h', w', C) for the emotion discriminator (DICE-Talk eq. 16);
+        # recorded only when the caller makes "intermediates" mutable.
+        self.sow("intermediates", "mid_features", x)
         for i, ch in enumerate(reversed(cfg.block_out_channels)):
             level = levels - 1 - i
             n = cfg.layers_per_block + 1
