@@ -314,7 +314,7 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--batch", type=int, default=None, help="override every config's batch size")
     parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
-    parser.add_argument("--attention", choices=("xla", "cudnn", "pallas"), default="xla", help="our attention kernel")
+    parser.add_argument("--attention", choices=("xla", "cudnn", "pallas", "blockwise"), default="xla", help="our attention kernel")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, adds an MFU column")
     args = parser.parse_args(argv)
