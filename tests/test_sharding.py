@@ -12,7 +12,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moee_jax.models.init import unet_example_inputs
 from moee_jax.models.unet import VideoUNet
 from moee_jax.parallel import DEFAULT_RULES, make_mesh, resolve_mesh_shape
-from moee_jax.parallel.sharding import sharded_init, tree_shardings
+from moee_jax.parallel.sharding import logical_sharding, sharded_init, tree_shardings
 from tests.reference_models import ours_unet_config, rel_err
 
 
@@ -101,7 +101,7 @@ def test_sharded_forward_equals_single_device_forward(unet, sharded, mesh):
     single = jax.jit(lambda p, kw: unet.apply({"params": p}, **kw))(
         jax.device_get(params), inputs
     )
-    batch = NamedSharding(mesh, P(("data", "fsdp")))
+    batch = logical_sharding(mesh, ("batch",))
     with jax.set_mesh(mesh), nn.logical_axis_rules(DEFAULT_RULES):
         fn = jax.jit(
             lambda p, kw: unet.apply({"params": p}, **kw),
@@ -109,7 +109,7 @@ def test_sharded_forward_equals_single_device_forward(unet, sharded, mesh):
             out_shardings=batch,
         )
         out = fn(params, inputs)
-    assert out.sharding.spec == P(("data", "fsdp"))
+    assert out.sharding.spec == P(("fsdp", "data"))
     assert rel_err(out, single) < 1e-5
 
 

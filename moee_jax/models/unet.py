@@ -17,7 +17,8 @@ Boundary shapes (channels last):
   reference_keep (B,) bool               False drops the reference for that clip (CFG branch)
   audio          (B, F, La, D_audio)     per-frame audio tokens
   audio_mask     (B, F, h, w)            region gate of the audio attention (full / face / lip)
-  emotion        (B, Le, D_emo)          emotion tokens for the emotion slot (skipped when None)
+  emotion        (B, Le, D_emo)          emotion tokens for the emotion slot (skipped when None), or
+                                         a pytree with ``.tokens`` of that shape (e.g. EmotionCondition)
   face_locator   (B, F, h, w, C_0)       face-locator features added after ``conv_in``
   → output       (B, F, h, w, C_out)
 """
@@ -303,8 +304,10 @@ class VideoUNet(nn.Module):
         if emotion is not None:
             if cfg.emotion_slot is None:
                 raise ValueError("emotion tokens were given but this U-Net has no emotion slot (emotion_slot=None)")
-            if emotion.ndim != 3 or emotion.shape[0] != b or (cfg.emotion_dim and emotion.shape[-1] != cfg.emotion_dim):
-                raise ValueError(f"emotion must be (B={b}, Le, {cfg.emotion_dim}) tokens, got shape {emotion.shape}")
+            # The slot defines the condition's type; its tokens are what every slot attends to.
+            tokens = getattr(emotion, "tokens", emotion)
+            if tokens.ndim != 3 or tokens.shape[0] != b or (cfg.emotion_dim and tokens.shape[-1] != cfg.emotion_dim):
+                raise ValueError(f"emotion must be (B={b}, Le, {cfg.emotion_dim}) tokens, got shape {tokens.shape}")
         if audio is not None:
             if cfg.audio_dim is None:
                 raise ValueError("audio tokens were given but this U-Net has no audio attention (audio_dim=None)")

@@ -14,6 +14,7 @@ Parameters:
   ``heads``                        fused (heads × head_dim) width of q/k/v projections
   ``norm``                         scale / bias of a normalisation layer
   ``expert``                       the stacked-expert axis of mixture-of-experts modules
+  ``codebook``                     the code axis of the emotion bank
 Activations:
   ``batch``, ``frames``, ``length``, ``act_embed``, ``act_heads``, ``height``, ``width``
 
@@ -24,6 +25,11 @@ Without that, propagation shards their output width on ``tensor``, and XLA's SPM
 w[K@tensor, N@fsdp] -> y[B@(data,fsdp), N@tensor]`` when data and fsdp are both > 1: it
 collective-permutes x between devices (d, f) <-> (f, d) and never permutes back, swapping the
 samples of devices whose data and fsdp indices differ. Keep ``act_embed`` unsharded (None).
+The backward pass hits the same miscompile in other dot patterns when the batch is ordered
+``('data', 'fsdp')``; ordered ``('fsdp', 'data')`` (fsdp-major) forward and backward match the
+single-device result, so ``batch`` maps to ``('fsdp', 'data')``. Build batch shardings from this
+table (:func:`moee_jax.parallel.sharding.logical_sharding`), never by hand.
+The codebook axis of the emotion bank is replicated (``codebook``: None).
 """
 
 from __future__ import annotations
@@ -49,8 +55,10 @@ DEFAULT_RULES: Rules = (
     ("heads", "tensor"),
     ("norm", None),
     ("expert", None),
+    ("codebook", None),
     # activations
-    ("batch", ("data", "fsdp")),
+    # fsdp-major: see the module docstring for why the order matters.
+    ("batch", ("fsdp", "data")),
     ("frames", None),
     ("length", None),
     ("height", None),

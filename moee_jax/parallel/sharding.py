@@ -28,6 +28,12 @@ def _fit_to_shape(spec: PartitionSpec, shape: Sequence[int], mesh: jax.sharding.
     return PartitionSpec(*out)
 
 
+def logical_sharding(mesh: jax.sharding.Mesh, axes: Sequence[str | None], rules=DEFAULT_RULES) -> NamedSharding:
+    """``NamedSharding`` of an array whose dimensions have logical names ``axes`` (e.g. a batch:
+    ``("batch",)``; trailing dimensions are replicated)."""
+    return NamedSharding(mesh, nn.logical_to_mesh_axes(tuple(axes), rules))
+
+
 def logical_partition_specs(boxed_tree, rules=DEFAULT_RULES) -> object:
     """``PartitionSpec`` per leaf from the logical names of a boxed tree (unannotated → replicated)."""
     logical = nn.get_partition_spec(boxed_tree)

@@ -1,0 +1,1 @@
+"""Training: losses, train state, stages and the trainer loop."""
