@@ -80,6 +80,36 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # where head dims allow (≤ 128), "pallas" on TPU; "xla" is the plain reference.
     c.model.unet.attention_implementation = "blockwise"
     c.model.face_locator = ConfigDict(face_locator)
+    # Emotion conditioning (MoEE / DICE-Talk). ``sources``: any of label / text / speech (through
+    # Emotion-to-Latents), or ("embedder",) for the Gaussian embedder (+ ``bank``).
+    # ``moe_variant``: moe | single | no_global | no_local (the ablations).
+    wide = variant == "sd15"
+    c.model.emotion = ConfigDict(
+        dict(
+            sources=("label", "text", "speech"),
+            token_dim=768 if wide else unet["cross_attention_dim"],
+            num_tokens=16 if wide else 4,
+            moe_variant="moe",
+            moe_heads=8 if wide else 2,
+            latents_layers=2 if wide else 1,
+            latents_heads=8 if wide else 2,
+            text_dim=768 if wide else 32,  # T5 encoder width (t5-base: 768)
+            speech_dim=768 if wide else 32,  # speech-emotion encoder width (wav2vec2-base: 768)
+            embedder_dim=128 if wide else 16,
+            embedder_heads=4 if wide else 2,
+            embedder_audio_layers=2 if wide else 1,
+            embedder_layers=2 if wide else 1,
+            embedder_visual_channels=(32, 64, 128) if wide else (8, 16),
+            bank=False,
+            bank_size=64 if wide else 8,
+            bank_beta=0.25,
+            discriminator=False,
+            num_classes=7,
+            discriminator_hidden=512 if wide else 32,
+        )
+    )
+    # Audio windows → tokens (Hallo: wav2vec2-base, 12 layers + embeddings, ±2 frames, 32 tokens).
+    c.model.audio = ConfigDict(dict(num_tokens=32 if wide else 4, hidden_dim=512 if wide else 32))
     c.model.context_tokens = 4  # identity / image tokens fed to cross-attention
 
     c.video = ConfigDict(video)

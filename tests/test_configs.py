@@ -109,3 +109,51 @@ def test_sd15_vae_matches_the_sd_vae(torch):
         reference = AutoencoderKL(**SD_VAE)
     ours = _our_shapes(abstract_vae_params(build_backbone(get_config("sd15")).vae))
     assert ours == _torch_shapes(reference.state_dict())
+
+
+@pytest.mark.parametrize(
+    "overrides, parts",
+    [
+        ({}, {"latents"}),
+        ({"sources": ("label",)}, {"latents"}),
+        ({"sources": ("embedder",), "bank": True, "discriminator": True}, {"embedder", "bank"}),
+        ({"sources": ("embedder",)}, {"embedder", "embedder_tokens"}),
+    ],
+)
+def test_config_chooses_the_emotion_conditioning(overrides, parts):
+    from moee_jax.models.moee import build_moee_from_config
+
+    cfg = get_config("tiny")
+    cfg.model.emotion.update(overrides)
+    model = build_moee_from_config(cfg)
+    assert (model.discriminator is not None) == bool(overrides.get("discriminator"))
+    e = cfg.model.emotion
+    batch = {
+        "ref_latents": jax.ShapeDtypeStruct((1, 4, 4, 4), np.float32),
+        "context": jax.ShapeDtypeStruct((1, 2, cfg.model.unet.cross_attention_dim), np.float32),
+        "audio_windows": jax.ShapeDtypeStruct((1, 2, 5, 3, 8), np.float32),
+        "emotion_label": jax.ShapeDtypeStruct((1, 6), np.float32),
+        "text_features": jax.ShapeDtypeStruct((1, 3, e.text_dim), np.float32),
+        "speech_features": jax.ShapeDtypeStruct((1, 3, e.speech_dim), np.float32),
+        "embedder_audio": jax.ShapeDtypeStruct((1, 3, 8), np.float32),
+        "expression_frames": jax.ShapeDtypeStruct((1, 3, 16, 16, 3), np.float32),
+        "mouth_mask": jax.ShapeDtypeStruct((1, 3, 16, 16), np.float32),
+    }
+    noisy = jax.ShapeDtypeStruct((1, 2, 4, 4, 4), np.float32)
+    t = jax.ShapeDtypeStruct((1,), np.int32)
+    params = jax.eval_shape(model.init, jax.random.key(0), batch, noisy, t)
+    assert parts <= set(params["conditioning"])
+    assert "emotion" in params["unet"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]
+
+
+def test_emotion_config_errors_are_named():
+    from moee_jax.models.moee import EmotionConfig
+
+    with pytest.raises(ValueError, match="sources"):
+        EmotionConfig(sources=("smell",))
+    with pytest.raises(ValueError, match="stands alone"):
+        EmotionConfig(sources=("embedder", "label"))
+    with pytest.raises(ValueError, match="text_dim"):
+        EmotionConfig(sources=("text",))
+    with pytest.raises(ValueError, match="bank"):
+        EmotionConfig(sources=("label",), bank=True)

@@ -132,3 +132,24 @@ def test_converted_tree_matches_the_model_tree(sources, unet):
     want = {k: v.shape for k, v in traverse_util.flatten_dict(target).items()}
     assert got == want
     assert jax.tree_util.tree_all(jax.tree_util.tree_map(lambda v: v.dtype == np.float32, params))
+
+
+def test_bfloat16_safetensors_are_read_as_float32(torch, tmp_path):
+    from safetensors.torch import save_file as save_torch
+
+    from moee_jax.checkpoint.convert.state_dict import load_state_dict
+
+    weights = {"w": torch.randn(3, 2).to(torch.bfloat16), "h": torch.randn(2).to(torch.float16)}
+    save_torch(weights, str(tmp_path / "m.safetensors"))
+    state = load_state_dict(tmp_path / "m.safetensors")
+    assert state["w"].dtype == np.float32
+    np.testing.assert_array_equal(state["w"], weights["w"].float().numpy())
+    np.testing.assert_array_equal(state["h"], weights["h"].numpy())
+
+
+def test_truncated_safetensors_file_is_named(tmp_path):
+    from moee_jax.checkpoint.convert.state_dict import load_state_dict
+
+    (tmp_path / "bad.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    with pytest.raises(ConversionError, match="bad.safetensors"):
+        load_state_dict(tmp_path / "bad.safetensors")

@@ -110,3 +110,32 @@ def test_missing_guidance_scale_is_named(models, cond):
     plan = make_plan(SamplerConfig("ddim", num_steps=2), schedule)
     with pytest.raises(ValueError, match="audio"):
         sample_clip(unet, params, refnet, ref_params, cond, plan, {"reference": 2.0}, jnp.zeros((B, F, H, W, 4)))
+
+
+def test_emotion_condition_with_palette_is_guided_and_the_palette_steers(cond):
+    """CFG over an MoE U-Net: the emotion branch drops tokens to the null tokens, the palette
+    (compound emotion) stays, and different palettes give different clips."""
+    import functools
+
+    from moee_jax.models.emotion_moe import EmotionCondition, EmotionMoE
+
+    cfg = ours_unet_config(audio_dim=8, layers_per_block=1, emotion_slot=functools.partial(EmotionMoE, heads=2), emotion_dim=6)
+    unet, refnet = VideoUNet(cfg), VideoUNet(reference_config(cfg))
+    params = init_unet_params(unet, jax.random.key(1))
+    params = jax.tree_util.tree_map(lambda p: p + 0.05, params)  # make the zero-initialised experts live
+    ref_params = init_unet_params(refnet, jax.random.key(2))
+    tokens = jnp.asarray(np.random.default_rng(3).standard_normal((B, 3, 6)), jnp.float32)
+    schedule = make_schedule(rescale_zero_terminal_snr=True, prediction_type="v_prediction")
+    plan = make_plan(SamplerConfig("ddim", num_steps=2, spacing="trailing"), schedule)
+    x_T = jnp.asarray(np.random.default_rng(4).standard_normal((B, F, H, W, 4)), jnp.float32)
+    sampler = make_clip_sampler(unet, refnet)
+    scales = {"reference": 1.5, "audio": 2.0, "emotion": 3.0}
+
+    def run(palette):
+        c = ClipConditions(cond.ref_latents, cond.context, audio=cond.audio, emotion=EmotionCondition(tokens, palette))
+        return sampler(params, ref_params, c, plan, scales, x_T)
+
+    happy_surprised = jnp.asarray([[0.6, 0, 0, 0, 0, 0.4]], jnp.float32)
+    sad = jnp.asarray([[0, 1.0, 0, 0, 0, 0]], jnp.float32)
+    a, b = run(happy_surprised), run(sad)
+    assert bool(jnp.isfinite(a).all()) and rel_err(a, b) > 1e-4

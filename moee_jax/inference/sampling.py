@@ -17,6 +17,7 @@ import jax.numpy as jnp
 
 from moee_jax.diffusion.guidance import guided_model_fn
 from moee_jax.diffusion.samplers import DDIMPlan, DPMSolverPlan, run_sampler
+from moee_jax.models.emotion_moe import EmotionCondition
 from moee_jax.models.reference import reference_features
 from moee_jax.models.unet import VideoUNet
 
@@ -29,7 +30,8 @@ class ClipConditions:
     """Everything a clip is conditioned on (per clip, batch B).
 
     ref_latents (B, h, w, C) · context (B, Lc, D) · audio (B, F, La, Da) · audio_mask (B, F, h, w)
-    · emotion (B, Le, De) · null_emotion (B, Le, De) · motion_frames (B, M, h, w, C)
+    · emotion (B, Le, De) tokens or an EmotionCondition (tokens + palette) · null_emotion (B, Le, De)
+    · motion_frames (B, M, h, w, C)
     · face_locator (B, F, h, w, C0). All but the first two may be None.
     """
 
@@ -69,8 +71,14 @@ def branch_denoiser(
             kw["audio"] = jnp.where(flags["audio"][:, None, None, None], audio, 0.0)
             kw["audio_mask"] = _tile(cond.audio_mask, n)
         if cond.emotion is not None:
-            null = jnp.zeros_like(cond.emotion) if cond.null_emotion is None else cond.null_emotion
-            kw["emotion"] = jnp.where(flags["emotion"][:, None, None], _tile(cond.emotion, n), _tile(null, n))
+            tokens = getattr(cond.emotion, "tokens", cond.emotion)
+            null = jnp.zeros_like(tokens) if cond.null_emotion is None else cond.null_emotion
+            tokens = jnp.where(flags["emotion"][:, None, None], _tile(tokens, n), _tile(null, n))
+            if isinstance(cond.emotion, EmotionCondition):
+                # A palette steers the expert mix in every branch; only the tokens are dropped.
+                kw["emotion"] = EmotionCondition(tokens, _tile(cond.emotion.palette, n))
+            else:
+                kw["emotion"] = tokens
         return unet.apply(
             {"params": params},
             x,

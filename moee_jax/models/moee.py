@@ -246,6 +246,16 @@ def _unet_kwargs(batch: dict, cond: ConditioningOutput, feats: dict) -> dict:
     return kw
 
 
+def build_moee_from_config(config) -> MoEE:
+    """:func:`build_moee` from ``config.model`` (``configs/backbone.py``: unet, emotion, audio)."""
+    return build_moee(
+        UNetConfig.from_dict(config.model.unet.to_dict()),
+        EmotionConfig.from_dict(config.model.emotion.to_dict()),
+        AudioConfig(**config.model.audio.to_dict()),
+        dtype=jnp.dtype(config.dtype),
+    )
+
+
 def build_moee(
     unet: UNetConfig, emotion: EmotionConfig, audio: AudioConfig | None = AudioConfig(), dtype=jnp.float32
 ) -> MoEE:

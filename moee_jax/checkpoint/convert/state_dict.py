@@ -56,12 +56,19 @@ def load_state_dict(path: str | pathlib.Path, *, allow_pickle: bool = False) -> 
         return out
     if path.suffix != ".safetensors":
         raise ConversionError(f"{path}: unsupported weight file type '{path.suffix}'; expected .safetensors")
-    from safetensors.numpy import load_file
+    from safetensors import safe_open
 
     try:
-        return dict(load_file(str(path)))
+        # The "flax" reader understands bfloat16 (numpy does not); every tensor leaves as numpy,
+        # bf16 ones upcast to float32.
+        with safe_open(str(path), framework="flax") as f:
+            return {k: _to_numpy(f.get_tensor(k)) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for truncated/corrupt files
         raise ConversionError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def _to_numpy(t) -> np.ndarray:
+    return np.asarray(t.astype("float32")) if t.dtype.name == "bfloat16" else np.asarray(t)
 
 
 def _load_pickle(path: pathlib.Path) -> StateDict:
