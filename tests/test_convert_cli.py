@@ -123,8 +123,9 @@ def test_wrong_shape_is_named_in_the_error(sources, tmp_path, unet):
 
 
 def test_converted_tree_matches_the_model_tree(sources, unet):
-    from moee_jax.models.init import abstract_unet_variables
     import flax.linen as nn
+
+    from moee_jax.models.init import abstract_unet_variables
 
     params = convert_unet(sources / "unet", unet).params
     target = nn.unbox(abstract_unet_variables(unet))["params"]

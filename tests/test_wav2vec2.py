@@ -91,7 +91,8 @@ def mode(request):
 
 @pytest.fixture(scope="module")
 def torch_model(torch, mode):
-    from transformers import Wav2Vec2Config as HFConfig, Wav2Vec2Model as HFModel
+    from transformers import Wav2Vec2Config as HFConfig
+    from transformers import Wav2Vec2Model as HFModel
 
     torch.manual_seed(0)
     return randomize(torch, HFModel(HFConfig(**TINY, **MODES[mode])), seed=1)
@@ -213,7 +214,8 @@ def test_unknown_key_of_a_prefixed_checkpoint_is_rejected(model_dir, model, tmp_
 
 @pytest.fixture(scope="module")
 def torch_classifier(torch):
-    from transformers import Wav2Vec2Config as HFConfig, Wav2Vec2ForSequenceClassification
+    from transformers import Wav2Vec2Config as HFConfig
+    from transformers import Wav2Vec2ForSequenceClassification
 
     config = HFConfig(
         **TINY,

@@ -85,3 +85,33 @@ def conv(
         bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
         name=name,
     )
+
+def conv1d(
+    features: int,
+    kernel_size: int,
+    *,
+    name: str,
+    strides: int = 1,
+    padding: tuple[int, int] = (0, 0),
+    groups: int = 1,
+    use_bias: bool = True,
+    dtype: jnp.dtype = jnp.float32,
+) -> nn.Conv:
+    """A 1-D ``nn.Conv`` over ``(B, L, C)`` with kernel axes (conv_width, conv_in, conv_out).
+
+    Kernel ``(k, C_in / groups, C_out)``: PyTorch's grouped ``Conv1d`` weight ``(C_out, C_in / groups, k)``
+    transposed, with the same channel-to-group assignment.
+    """
+    return nn.Conv(
+        features,
+        kernel_size=(kernel_size,),
+        strides=(strides,),
+        padding=(padding,),
+        feature_group_count=groups,
+        use_bias=use_bias,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=partitioned(_default_kernel_init, ("conv_width", "conv_in", "conv_out")),
+        bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
+        name=name,
+    )

@@ -100,6 +100,18 @@ def find_weight_file(folder_or_file: str | pathlib.Path, stem: str = "diffusion_
     raise FileNotFoundError(f"{p}: no {stem}.safetensors (or sharded index) found; folder holds {found}")
 
 
+def read_hf_config(path: str | pathlib.Path) -> dict:
+    """The ``config.json`` of a transformers model folder (or of the folder holding the weight file ``path``)."""
+    p = pathlib.Path(path)
+    config_file = (p if p.is_dir() else p.parent) / "config.json"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: no config.json; pass the model config explicitly")
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise ConversionError(f"{config_file}: not valid JSON ({e})") from e
+
+
 _NUMERIC = re.compile(r"^\d+$")
 
 

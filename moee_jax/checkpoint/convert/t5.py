@@ -29,9 +29,9 @@ from moee_jax.checkpoint.convert.state_dict import (
     convert_state_dict,
     find_weight_file,
     load_state_dict,
+    read_hf_config,
     require_complete,
 )
-from moee_jax.checkpoint.convert.wav2vec2 import read_hf_config
 from moee_jax.models.encoders.t5 import T5Encoder, T5EncoderConfig
 
 log = logging.getLogger(__name__)

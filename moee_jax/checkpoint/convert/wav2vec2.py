@@ -18,7 +18,6 @@ holds. Fine-tuning then trains that kernel, not the (g, v) pair.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import re
@@ -34,6 +33,7 @@ from moee_jax.checkpoint.convert.state_dict import (
     convert_state_dict,
     find_weight_file,
     load_state_dict,
+    read_hf_config,
     require_complete,
 )
 from moee_jax.models.encoders.speech_emotion import SpeechEmotionConfig, SpeechEmotionEncoder
@@ -50,16 +50,6 @@ _WEIGHT_NORM = re.compile(r"^(?P<prefix>.*\.)(?:parametrizations\.weight\.origin
 _WEIGHT_NORM_DIM = 2
 
 
-def read_hf_config(path: str | pathlib.Path) -> dict:
-    """The ``config.json`` of a transformers model folder (or of the folder holding the weight file ``path``)."""
-    p = pathlib.Path(path)
-    config_file = (p if p.is_dir() else p.parent) / "config.json"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: no config.json; pass the model config explicitly")
-    try:
-        return json.loads(config_file.read_text())
-    except json.JSONDecodeError as e:
-        raise ConversionError(f"{config_file}: not valid JSON ({e})") from e
 
 
 def fold_weight_norm(state_dict: StateDict, *, source: str) -> StateDict:

@@ -15,9 +15,7 @@ Module names follow transformers' (``shared``, ``encoder/block_N/layer_0/SelfAtt
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -25,22 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moee_jax.models.encoders.hf import ACTIVATIONS, hf_field
 from moee_jax.nn.layers import dense, partitioned
 
 # transformers' ``ACT2FN`` names reachable through ``feed_forward_proj`` ("relu", "gated-gelu", ...).
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "relu": nn.relu,
-    "gelu": functools.partial(nn.gelu, approximate=False),
-    "gelu_new": functools.partial(nn.gelu, approximate=True),
-    "silu": nn.silu,
-}
-
-
-def _hf_field(config: Any, name: str, default: Any) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(name, default)
-    return getattr(config, name, default)
-
 
 @dataclasses.dataclass(frozen=True)
 class T5EncoderConfig:
@@ -63,10 +49,10 @@ class T5EncoderConfig:
 
     def __post_init__(self):
         parts = self.feed_forward_proj.split("-")
-        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.dense_act_fn not in _ACTIVATIONS:
+        if len(parts) > 2 or (len(parts) == 2 and parts[0] != "gated") or self.dense_act_fn not in ACTIVATIONS:
             raise ValueError(
                 f"T5EncoderConfig: feed_forward_proj {self.feed_forward_proj!r} is not supported; expected "
-                f"'<act>' or 'gated-<act>' with <act> one of {sorted(_ACTIVATIONS)}"
+                f"'<act>' or 'gated-<act>' with <act> one of {sorted(ACTIVATIONS)}"
             )
 
     @property
@@ -86,7 +72,7 @@ class T5EncoderConfig:
 
         Fields absent from a dict take transformers' defaults, as ``save_pretrained`` omits them.
         """
-        fields = {f.name: _hf_field(config, f.name, f.default) for f in dataclasses.fields(cls)}
+        fields = {f.name: hf_field(config, f.name, f.default) for f in dataclasses.fields(cls)}
         return cls(**fields)
 
 
@@ -227,7 +213,7 @@ class T5DenseReluDense(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
-        act = _ACTIVATIONS[cfg.dense_act_fn]
+        act = ACTIVATIONS[cfg.dense_act_fn]
 
         def wi(name: str) -> jax.Array:
             return dense(cfg.d_ff, ("embed", "mlp"), use_bias=False, name=name, dtype=self.dtype)(x)

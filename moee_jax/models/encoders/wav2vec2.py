@@ -30,26 +30,18 @@ the (g, v) pair.
 from __future__ import annotations
 
 import dataclasses
-import functools
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moee_jax.models.encoders.hf import ACTIVATIONS
 from moee_jax.nn.attention import dot_product_attention
-from moee_jax.nn.layers import dense, partitioned
+from moee_jax.nn.layers import conv1d, dense
 from moee_jax.nn.norms import group_norm, layer_norm
 
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(nn.gelu, approximate=False),
-    "gelu_new": functools.partial(nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
 # transformers builds the conv feature encoder's LayerNorm / GroupNorm with PyTorch's default eps,
 # not ``layer_norm_eps``.
 _CONV_NORM_EPS = 1e-5
@@ -80,8 +72,8 @@ class Wav2Vec2Config:
         if self.feat_extract_norm not in ("group", "layer"):
             raise ValueError(f"feat_extract_norm={self.feat_extract_norm!r}: expected 'group' or 'layer'")
         for field in ("hidden_act", "feat_extract_activation"):
-            if getattr(self, field) not in _ACTIVATIONS:
-                raise ValueError(f"{field}={getattr(self, field)!r}: expected one of {sorted(_ACTIVATIONS)}")
+            if getattr(self, field) not in ACTIVATIONS:
+                raise ValueError(f"{field}={getattr(self, field)!r}: expected one of {sorted(ACTIVATIONS)}")
         if not len(self.conv_dim) == len(self.conv_stride) == len(self.conv_kernel):
             raise ValueError(
                 f"conv_dim, conv_stride and conv_kernel must have one entry per conv layer; got lengths "
@@ -141,35 +133,6 @@ def frame_mask(config: Wav2Vec2Config, sample_mask: jax.Array, length: int) -> j
     return jnp.arange(length)[None, :] < lengths[:, None]
 
 
-def conv1d(
-    features: int,
-    kernel_size: int,
-    *,
-    name: str,
-    strides: int = 1,
-    padding: tuple[int, int] = (0, 0),
-    groups: int = 1,
-    use_bias: bool = True,
-    dtype: jnp.dtype = jnp.float32,
-) -> nn.Conv:
-    """A 1-D ``nn.Conv`` over ``(B, L, C)`` with kernel axes (conv_width, conv_in, conv_out).
-
-    Kernel ``(k, C_in / groups, C_out)``: PyTorch's grouped ``Conv1d`` weight ``(C_out, C_in / groups, k)``
-    transposed, with the same channel-to-group assignment.
-    """
-    return nn.Conv(
-        features,
-        kernel_size=(kernel_size,),
-        strides=(strides,),
-        padding=(padding,),
-        feature_group_count=groups,
-        use_bias=use_bias,
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=partitioned(nn.initializers.he_normal(), ("conv_width", "conv_in", "conv_out")),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
-        name=name,
-    )
 
 
 class Wav2Vec2ConvLayer(nn.Module):
@@ -194,7 +157,7 @@ class Wav2Vec2ConvLayer(nn.Module):
             x = group_norm(self.features, _CONV_NORM_EPS, name="layer_norm", dtype=self.dtype)(x)
         elif self.norm == "layer":
             x = layer_norm(_CONV_NORM_EPS, name="layer_norm", dtype=self.dtype)(x)
-        return _ACTIVATIONS[self.activation](x)
+        return ACTIVATIONS[self.activation](x)
 
 
 class Wav2Vec2FeatureEncoder(nn.Module):
@@ -250,7 +213,7 @@ class Wav2Vec2PositionalConvEmbedding(nn.Module):
             name="conv",
             dtype=self.dtype,
         )(x)
-        return _ACTIVATIONS[self.config.feat_extract_activation](h)
+        return ACTIVATIONS[self.config.feat_extract_activation](h)
 
 
 class Wav2Vec2Attention(nn.Module):
@@ -287,7 +250,7 @@ class Wav2Vec2FeedForward(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         h = dense(self.config.intermediate_size, ("embed", "mlp"), name="intermediate_dense", dtype=self.dtype)(x)
-        h = _ACTIVATIONS[self.config.hidden_act](h)
+        h = ACTIVATIONS[self.config.hidden_act](h)
         h = dense(self.config.hidden_size, ("mlp", "embed"), name="output_dense", dtype=self.dtype)(h)
         return nn.with_logical_constraint(h, _SEQUENCE)
 

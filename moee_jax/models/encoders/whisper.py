@@ -16,9 +16,7 @@ Module names follow transformers' (``conv1``, ``embed_positions``, ``layers_N/se
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
-from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -26,28 +24,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moee_jax.models.encoders.hf import ACTIVATIONS, hf_field
 from moee_jax.nn.attention import dot_product_attention
-from moee_jax.nn.layers import dense, partitioned
+from moee_jax.nn.layers import conv1d, dense, partitioned
 from moee_jax.nn.norms import layer_norm
 
 # transformers' ``ACT2FN`` names that Whisper checkpoints use for ``activation_function``.
-_ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
-    "gelu": functools.partial(nn.gelu, approximate=False),
-    "gelu_new": functools.partial(nn.gelu, approximate=True),
-    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
-    "relu": nn.relu,
-    "silu": nn.silu,
-    "swish": nn.silu,
-}
-
 # Both convs have stride product 2: the encoder sees exactly ``2 · max_source_positions`` frames.
 CONV_STRIDE = 2
-
-
-def _hf_field(config: Any, name: str, default: Any) -> Any:
-    if isinstance(config, Mapping):
-        return config.get(name, default)
-    return getattr(config, name, default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,10 +56,10 @@ class WhisperEncoderConfig:
                 f"WhisperEncoderConfig: d_model {self.d_model} is not divisible by "
                 f"encoder_attention_heads {self.encoder_attention_heads}"
             )
-        if self.activation_function not in _ACTIVATIONS:
+        if self.activation_function not in ACTIVATIONS:
             raise ValueError(
                 f"WhisperEncoderConfig: activation_function {self.activation_function!r} is not supported; "
-                f"expected one of {sorted(_ACTIVATIONS)}"
+                f"expected one of {sorted(ACTIVATIONS)}"
             )
 
     @property
@@ -89,7 +73,7 @@ class WhisperEncoderConfig:
 
         Fields absent from a dict take transformers' defaults, as ``save_pretrained`` omits them.
         """
-        fields = {f.name: _hf_field(config, f.name, f.default) for f in dataclasses.fields(cls)}
+        fields = {f.name: hf_field(config, f.name, f.default) for f in dataclasses.fields(cls)}
         return cls(**fields)
 
 
@@ -167,24 +151,11 @@ class WhisperEncoderLayer(nn.Module):
         )(h)
         h = layer_norm(1e-5, name="final_layer_norm", dtype=self.dtype)(x)
         h = dense(cfg.encoder_ffn_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(h)
-        h = _ACTIVATIONS[cfg.activation_function](h)
+        h = ACTIVATIONS[cfg.activation_function](h)
         h = dense(cfg.d_model, ("mlp", "embed"), name="fc2", dtype=self.dtype)(h)
         return nn.with_logical_constraint(x + h, ("batch", "length", "act_embed"))
 
 
-def _conv1d(features: int, strides: int, name: str, dtype) -> nn.Conv:
-    """``nn.Conv1d(k=3, padding=1)`` over ``(B, T, C)``; kernel ``(3, C_in, C_out)``."""
-    return nn.Conv(
-        features,
-        kernel_size=(3,),
-        strides=(strides,),
-        padding=((1, 1),),
-        dtype=dtype,
-        param_dtype=jnp.float32,
-        kernel_init=partitioned(nn.initializers.lecun_normal(), ("conv_width", "conv_in", "conv_out")),
-        bias_init=partitioned(nn.initializers.zeros_init(), ("conv_out",)),
-        name=name,
-    )
 
 
 class WhisperEncoder(nn.Module):
@@ -208,8 +179,8 @@ class WhisperEncoder(nn.Module):
     def __call__(self, input_features: jax.Array) -> WhisperEncoderOutput:
         cfg = self.config
         self._check_input(input_features.shape)
-        x = nn.gelu(_conv1d(cfg.d_model, 1, "conv1", self.dtype)(input_features.astype(self.dtype)), approximate=False)
-        x = nn.gelu(_conv1d(cfg.d_model, CONV_STRIDE, "conv2", self.dtype)(x), approximate=False)
+        x = nn.gelu(conv1d(cfg.d_model, 3, padding=(1, 1), name="conv1", dtype=self.dtype)(input_features.astype(self.dtype)), approximate=False)
+        x = nn.gelu(conv1d(cfg.d_model, 3, strides=CONV_STRIDE, padding=(1, 1), name="conv2", dtype=self.dtype)(x), approximate=False)
         positions = nn.Embed(
             cfg.max_source_positions,
             cfg.d_model,
