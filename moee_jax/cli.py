@@ -7,6 +7,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
 
 from __future__ import annotations
 
+import logging
 import sys
 
 from absl import app, flags
@@ -71,6 +72,8 @@ def run(argv: list[str] | None = None) -> None:
         print(__doc__)
         sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
     command = argv[1]
+    # absl logs at INFO; jax's backend probe would report every platform it did not find (TPU, GPU).
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     main = COMMANDS[command]()
     app.run(main, argv=[f"moee {command}"] + argv[2:])
 

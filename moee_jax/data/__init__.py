@@ -1,1 +1,1 @@
-"""Data: audio loading and frame alignment (:mod:`.audio`), face / lip / mouth masks (:mod:`.masks`)."""
+"""Data: synthetic talking faces, audio loading and per-frame features, face / lip / mouth masks."""
