@@ -157,3 +157,14 @@ def test_emotion_config_errors_are_named():
         EmotionConfig(sources=("text",))
     with pytest.raises(ValueError, match="bank"):
         EmotionConfig(sources=("label",), bank=True)
+
+
+def test_unknown_model_config_fields_are_named():
+    from moee_jax.models.moee import EmotionConfig
+    from moee_jax.models.unet import UNetConfig
+
+    with pytest.raises(ValueError, match="U-Net config.*layers_per_blok"):
+        UNetConfig.from_dict({"layers_per_blok": 2})
+    with pytest.raises(ValueError, match="emotion config.*moe_variantt"):
+        EmotionConfig.from_dict({"moe_variantt": "moe"})
+    assert UNetConfig.from_dict({"block_out_channels": [32, 64]}).block_out_channels == (32, 64)

@@ -29,6 +29,7 @@ import jax
 import jax.numpy as jnp
 
 from moee_jax.models.audio import AudioProjection
+from moee_jax.models.config_dict import dataclass_from_dict
 from moee_jax.models.emotion_bank import EmotionBank
 from moee_jax.models.emotion_discriminator import EmotionDiscriminator
 from moee_jax.models.emotion_embedder import GaussianEmotionEmbedder
@@ -87,12 +88,8 @@ class EmotionConfig:
 
     @classmethod
     def from_dict(cls, d) -> EmotionConfig:
-        d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown emotion config field(s) {unknown}; known fields: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        """From a ``ConfigDict``/mapping, turning lists into tuples; unknown keys are an error."""
+        return dataclass_from_dict(cls, d, "emotion config")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -32,6 +32,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moee_jax.models.config_dict import dataclass_from_dict
 from moee_jax.models.frames import fold_frames, unfold_frames
 from moee_jax.models.transformers import TemporalTransformer, Transformer2D, child
 from moee_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
@@ -76,12 +77,7 @@ class UNetConfig:
     @classmethod
     def from_dict(cls, d) -> UNetConfig:
         """From a ``ConfigDict``/mapping, turning lists into tuples; unknown keys are an error."""
-        d = dict(d)
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown U-Net config field(s) {unknown}; known fields: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+        return dataclass_from_dict(cls, d, "U-Net config")
 
     def heads(self, level: int) -> int:
         h = self.num_attention_heads
