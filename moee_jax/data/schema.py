@@ -79,7 +79,7 @@ def features():
         "frames": tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
         "fps": tfds.features.Scalar(dtype=f32),
         "audio": tfds.features.Tensor(shape=(None,), dtype=f32),
-        "landmarks": tfds.features.Tensor(shape=(None, None, 2), dtype=f32),
+        "landmarks": tfds.features.Tensor(shape=(None, None, 2), dtype=f32, encoding="bytes"),
         "landmark_layout": tfds.features.Text(),
         "emotion": tfds.features.Text(),
         "emotion_class": tfds.features.Scalar(dtype=np.int64),
