@@ -26,3 +26,14 @@ def torch():
     torch = pytest.importorskip("torch")
     torch.manual_seed(0)
     return torch
+
+
+@pytest.fixture(scope="session")
+def synthetic_tfds(tmp_path_factory):
+    """The ``tiny`` synthetic_talking_faces dataset built once per session: ``(data_dir, name)``."""
+    pytest.importorskip("tensorflow", reason="building TFDS datasets needs tensorflow-cpu (the test extra)")
+    from moee_jax.data.builders.synthetic_talking_faces import build
+
+    data_dir = tmp_path_factory.mktemp("tfds")
+    build("tiny", str(data_dir))
+    return str(data_dir), "synthetic_talking_faces/tiny"

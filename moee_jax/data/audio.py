@@ -297,7 +297,7 @@ def stitch_chunks(
     # Split point between chunk k-1 and k: the middle of their overlap, in global positions.
     splits = [0] + [(starts[k] + ends[k - 1]) // 2 for k in range(1, len(chunks))]
     parts = []
-    for k, ((start, w), f) in enumerate(zip(chunks, features)):
+    for k, ((_start, w), f) in enumerate(zip(chunks, features)):
         f = np.moveaxis(np.asarray(f), time_axis, 0)
         available = min(f.shape[0], math.ceil(len(w) / hop))
         stop = splits[k + 1] - starts[k] if k + 1 < len(chunks) else available

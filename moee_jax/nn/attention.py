@@ -157,7 +157,7 @@ def _unblock(x: jax.Array) -> jax.Array:
     return jnp.moveaxis(x, 0, 2).reshape((b, h, n * blk) + x.shape[4:])
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _flash(bq: int, bk: int, has_mask: bool):
     """The custom-VJP kernel on ``(B, H, L, D)`` inputs (q pre-scaled, lengths multiples of the blocks)."""
     f32 = jnp.float32

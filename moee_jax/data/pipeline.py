@@ -1,0 +1,418 @@
+"""The grain training pipeline: talking-face records → fixed-shape training samples.
+
+Reads a split of any dataset in the record format of :mod:`moee_jax.data.schema` through
+``tfds.data_source`` (random access to ArrayRecord; TensorFlow is never imported) and yields
+batches of dicts of NumPy arrays. One sample is:
+
+===================  ===========================  ==================================================
+key                  shape / dtype                meaning
+===================  ===========================  ==================================================
+``frames``           ``(F, S, S, 3)`` uint8        the target frames ``[s, s + F)``
+``motion_frames``    ``(M, S, S, 3)`` uint8        the ``M`` frames before them ``[s − M, s)``
+``reference``        ``(S, S, 3)`` uint8           the reference (identity) frame, same video
+``audio``            ``(A,)`` float32              16 kHz speech of frames ``[s − c, s + F + c)``,
+                                                   ``A = (F + 2c)·sr/fps``, zeros outside the clip
+``face_mask``        ``(F, m, m)`` float32         face region (area-pooled convex hull), ``m = S/r``
+``lip_mask``         ``(F, m, m)`` float32         lip region (⊂ face)
+``mouth_mask``       ``(F, m, m)`` float32         1 on every cell the mouth box touches, else 0
+``loss_mask``        ``(F, m, m)`` float32         weight of each latent cell in the denoising loss
+``palette``          ``(6,)`` float32              emotion weights over EMOTIONS
+``emotion_class``    int32                         CLASSES index (6 emotions + neutral), −1 compound
+``intensity``        float32
+``noisy``            bool                          masked noisy emotion sample (stage 2)
+``drop_reference``   bool                          CFG condition dropout flags (see below)
+``drop_audio``       bool
+``drop_emotion``     bool
+``action_units``     ``(F, 11)`` float32           ground truth (synthetic), zeros for real data
+``has_action_units`` bool
+``clip_key``         int64                         record index in the split
+``start``            int32                         ``s``
+``reference_index``  int32                         frame index of ``reference``
+``text``             ``(L,)`` int32 + ``text_mask``  only with ``tokenizer`` set
+===================  ===========================  ==================================================
+
+Reference frame
+    Stage 1 (ReferenceNet + U-Net) draws it at least ``reference_min_distance`` frames away from
+    every frame of the window ``[s − M, s + F)``, so the U-Net cannot copy the target; clips too
+    short to allow that are left out of the sampling pool (and counted in ``skipped``).
+
+Masked noisy emotion sampling (MoEE §3.4, stage 2)
+    Each sample first draws a *target class* uniformly over the classes present (class-balanced,
+    since the per-emotion subsets are small). With probability ``noisy_p`` the clip is then drawn
+    instead from the clips of *any other* class — another emotion or neutral — and the sample is
+    flagged ``noisy``. A noisy sample keeps its own emotion condition (``palette``,
+    ``emotion_class`` are those of the clip shown, so condition and pixels agree) and adds identity
+    and expression diversity to every expert; its lips, which come from other speech and other
+    recordings, are *hidden from the loss*: ``loss_mask`` is 0 on every latent cell that the mouth
+    box (:func:`moee_jax.data.masks.mouth_mask`: the outer-lip bounding box scaled by
+    ``mouth_scale``) touches in that frame, and 1 elsewhere. Non-noisy samples have ``loss_mask``
+    1 everywhere. The trainer multiplies the per-cell denoising error by ``loss_mask`` (nearest-
+    upsampled for pixel-space terms) and normalises by its sum, so masked cells contribute exactly
+    nothing and do not dilute the others.
+
+Condition dropout (classifier-free guidance)
+    With ``drop_all_p`` every condition is dropped together; otherwise each of reference, audio and
+    emotion independently with its own probability. The flags are data; the model replaces a
+    dropped condition by its null input.
+
+Sharding and determinism
+    Records are sharded over JAX processes (``ShardByJaxProcess``: process ``i`` of ``n`` owns a
+    contiguous, disjoint range of record keys); the noisy substitute is drawn from the process's own
+    range too, so processes never share a clip. Every random choice comes from grain's per-record
+    RNG, seeded by ``seed`` and the position in the stream, so every sample is identical for any
+    ``worker_count`` (with workers, grain groups samples into batches within each worker, so only
+    the grouping changes), and :func:`save_iterator_state`-style checkpoints (the iterator's
+    ``get_state``; Orbax through ``grain.checkpoint.CheckpointSave``) resume the exact sequence.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pathlib
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+
+from moee_jax.data import masks as masks_lib
+from moee_jax.data import schema
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """What a training sample contains and how it is drawn (see the module docstring)."""
+
+    num_frames: int = 16  # F
+    motion_frames: int = 2  # M
+    reference_min_distance: int = 0  # stage 1: frames between the reference and the window
+    audio_context_frames: int = 2  # c: audio frames of context on each side of the window
+    mask_downsample: int = 8  # r: masks at S / r (the VAE's latent size)
+    mouth_scale: float = 1.5
+    noisy_p: float = 0.0  # masked noisy emotion sampling probability (stage 2)
+    class_balanced: bool = False  # draw a target class uniformly first (implied by noisy_p > 0)
+    drop_reference_p: float = 0.0
+    drop_audio_p: float = 0.0
+    drop_emotion_p: float = 0.0
+    drop_all_p: float = 0.0
+    batch_size: int = 2  # per process
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None  # None: repeat forever
+    worker_count: int = 0  # grain worker processes (0: in the main process)
+    worker_buffer_size: int = 2
+    text_length: int = 32
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> PipelineConfig:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ValueError(f"unknown data pipeline field(s) {unknown}; known: {sorted(names)}")
+        return cls(**dict(values))
+
+    def __post_init__(self):
+        for name in ("noisy_p", "drop_reference_p", "drop_audio_p", "drop_emotion_p", "drop_all_p"):
+            p = getattr(self, name)
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"data.{name} must lie in [0, 1], got {p}")
+        if self.num_frames < 1 or self.motion_frames < 0 or self.reference_min_distance < 0:
+            raise ValueError("data.num_frames must be >= 1, data.motion_frames and data.reference_min_distance >= 0")
+        if self.batch_size < 1:
+            raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+
+
+# ---- the clip index ------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipIndex:
+    """Per-record metadata for sampling: ``(N,)`` arrays over the records of a split."""
+
+    num_frames: np.ndarray  # int64
+    emotion_class: np.ndarray  # int64, -1 for compounds
+    frame_size: np.ndarray  # int64, S
+
+    def __len__(self) -> int:
+        return len(self.num_frames)
+
+
+def clip_index(source, cache: str | pathlib.Path | None = None) -> ClipIndex:
+    """Read ``num_frames`` / ``emotion_class`` / frame size of every record (cached as JSON if given)."""
+    if cache is not None and pathlib.Path(cache).exists():
+        data = json.loads(pathlib.Path(cache).read_text())
+        if data.get("num_records") == len(source):
+            return ClipIndex(*(np.asarray(data[k], np.int64) for k in ("num_frames", "emotion_class", "frame_size")))
+    n, e, s = [], [], []
+    for i in range(len(source)):
+        record = source[i]
+        n.append(len(record["frames"]))
+        e.append(int(record["emotion_class"]))
+        s.append(schema.decode_frames(record["frames"], [0]).shape[1] if len(record["frames"]) else 0)
+    index = ClipIndex(np.asarray(n, np.int64), np.asarray(e, np.int64), np.asarray(s, np.int64))
+    if cache is not None:
+        try:
+            pathlib.Path(cache).write_text(json.dumps({
+                "num_records": len(source), "num_frames": n, "emotion_class": e, "frame_size": s}))
+        except OSError:
+            pass  # a read-only dataset directory: recompute next time
+    return index
+
+
+def shard_range(num_records: int, shard_options: grain.sharding.ShardOptions) -> tuple[int, int]:
+    """The contiguous record-key range ``[start, end)`` a process owns (grain's sharding rule)."""
+    from grain._src.core import sharding as grain_sharding
+
+    return grain_sharding.even_split(num_records, shard_options)
+
+
+def _window_ok(n: int, cfg: PipelineConfig) -> bool:
+    """Whether a clip of ``n`` frames admits a window and a far-enough reference frame."""
+    if n < cfg.motion_frames + cfg.num_frames:
+        return False
+    if cfg.reference_min_distance == 0:
+        return True
+    # The earliest window leaves the most room after it, the latest the most before it.
+    after = n - 1 - (cfg.motion_frames + cfg.num_frames - 1 + cfg.reference_min_distance)
+    before = (n - cfg.num_frames - cfg.motion_frames) - cfg.reference_min_distance
+    return after >= 0 or before >= 0
+
+
+# ---- the per-record transform ----------------------------------------------------------------------
+
+
+class MakeSample(grain.transforms.RandomMap):
+    """Record key → training sample (the whole per-sample recipe of the module docstring)."""
+
+    def __init__(self, source, index: ClipIndex, cfg: PipelineConfig, key_range: tuple[int, int],
+                 tokenizer: Callable[[str], Sequence[int]] | None = None):
+        self.source, self.cfg, self.tokenizer = source, cfg, tokenizer
+        lo, hi = key_range
+        keys = np.arange(lo, hi)
+        usable = np.asarray([_window_ok(int(index.num_frames[k]), cfg) for k in keys], bool)
+        self.skipped = int((~usable).sum())
+        self.keys = keys[usable]
+        if len(self.keys) == 0:
+            raise ValueError(
+                f"no clip in records [{lo}, {hi}) is long enough for {cfg.motion_frames} motion + {cfg.num_frames} frames"
+                f" with the reference {cfg.reference_min_distance} frames away; shorten data.num_frames or "
+                "data.reference_min_distance, or add longer clips"
+            )
+        classes = index.emotion_class[self.keys]
+        self.classes = np.unique(classes)
+        self.by_class = {int(c): self.keys[classes == c] for c in self.classes}
+        self.not_class = {int(c): self.keys[classes != c] for c in self.classes}
+        sizes = np.unique(index.frame_size[self.keys])
+        if len(sizes) != 1:
+            raise ValueError(f"records have mixed frame sizes {sizes.tolist()}; prepare the dataset at one size")
+        self.size = int(sizes[0])
+        if self.size % cfg.mask_downsample:
+            raise ValueError(f"frame size {self.size} is not divisible by data.mask_downsample={cfg.mask_downsample}")
+        self.num_frames = index.num_frames
+
+    # Which record a sample shows ----------------------------------------------------------------
+    def _choose(self, key: int, rng: np.random.Generator) -> tuple[int, bool]:
+        cfg = self.cfg
+        if not (cfg.noisy_p > 0 or cfg.class_balanced):
+            if key in self._usable_set:
+                return key, False
+            return int(self.keys[rng.integers(len(self.keys))]), False
+        target = int(self.classes[rng.integers(len(self.classes))])
+        others = self.not_class[target]
+        if cfg.noisy_p > 0 and len(others) and rng.random() < cfg.noisy_p:
+            return int(others[rng.integers(len(others))]), True
+        pool = self.by_class[target]
+        return int(pool[rng.integers(len(pool))]), False
+
+    @property
+    def _usable_set(self) -> set[int]:
+        if not hasattr(self, "_usable_cache"):
+            self._usable_cache = set(int(k) for k in self.keys)
+        return self._usable_cache
+
+    def _window(self, n: int, rng: np.random.Generator) -> tuple[int, int]:
+        """``(s, reference_index)`` with ``s ∈ [M, n − F]`` and the reference ≥ N frames from the window."""
+        cfg = self.cfg
+        m, f, d = cfg.motion_frames, cfg.num_frames, cfg.reference_min_distance
+        starts = np.arange(m, n - f + 1)
+        if d == 0:
+            s = int(starts[rng.integers(len(starts))])
+            return s, int(rng.integers(n))
+        before = np.maximum(starts - m - d + 1, 0)  # references in [0, s − M − d]
+        after = np.maximum(n - (starts + f - 1 + d), 0)  # references in [s + F − 1 + d, n)
+        counts = before + after
+        s_i = int(rng.choice(len(starts), p=counts / counts.sum()))  # uniform over valid (s, r) pairs
+        s = int(starts[s_i])
+        j = int(rng.integers(counts[s_i]))
+        r = j if j < before[s_i] else s + f - 1 + d + (j - before[s_i])
+        return s, r
+
+    def random_map(self, key, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        cfg = self.cfg
+        clip_key, noisy = self._choose(int(key), rng)
+        record = self.source[clip_key]
+        n = len(record["frames"])
+        s, r = self._window(n, rng)
+        m, f = cfg.motion_frames, cfg.num_frames
+        frames = schema.decode_frames(record["frames"], list(range(s - m, s + f)) + [r])
+        landmarks = np.asarray(record["landmarks"], np.float32)[s : s + f]
+        layout = record["landmark_layout"]
+        groups = schema.layout_groups(layout.decode() if isinstance(layout, bytes) else str(layout))
+        size, small = self.size, self.size // cfg.mask_downsample
+        try:
+            face, lip = masks_lib.masks_from_landmarks(landmarks, size, size, groups["face_oval"], groups["lips"])
+            mouth = masks_lib.mouth_mask(landmarks, size, size, groups["lips"], cfg.mouth_scale)
+        except ValueError as e:
+            clip_id = record["id"].decode() if isinstance(record["id"], bytes) else record["id"]
+            raise ValueError(f"clip {clip_id!r} (record {clip_key}): {e}") from e
+        regions = masks_lib.region_masks(face, lip, (small, small))
+        mouth_small = _any_pool(mouth, cfg.mask_downsample)
+        loss_mask = (1.0 - mouth_small) if noisy else np.ones_like(mouth_small)
+
+        drop_all = rng.random() < cfg.drop_all_p
+        drops = [drop_all or rng.random() < p for p in (cfg.drop_reference_p, cfg.drop_audio_p, cfg.drop_emotion_p)]
+
+        aus = np.asarray(record["action_units"], np.float32)
+        has_aus = aus.shape[0] == n
+        sample = {
+            "frames": frames[m : m + f],
+            "motion_frames": frames[:m],
+            "reference": frames[-1],
+            "audio": _audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
+                                   f + 2 * cfg.audio_context_frames),
+            "face_mask": regions["face"],
+            "lip_mask": regions["lip"],
+            "mouth_mask": mouth_small,
+            "loss_mask": loss_mask.astype(np.float32),
+            "palette": np.asarray(record["palette"], np.float32),
+            "emotion_class": np.int32(record["emotion_class"]),
+            "intensity": np.float32(record["intensity"]),
+            "noisy": np.bool_(noisy),
+            "drop_reference": np.bool_(drops[0]),
+            "drop_audio": np.bool_(drops[1]),
+            "drop_emotion": np.bool_(drops[2]),
+            "action_units": aus[s : s + f] if has_aus else np.zeros((f, schema.NUM_AUS), np.float32),
+            "has_action_units": np.bool_(has_aus),
+            "clip_key": np.int64(clip_key),
+            "start": np.int32(s),
+            "reference_index": np.int32(r),
+        }
+        if self.tokenizer is not None:
+            text = record["text"].decode() if isinstance(record["text"], bytes) else str(record["text"])
+            ids = np.zeros(cfg.text_length, np.int32)
+            tokens = list(self.tokenizer(text))[: cfg.text_length]
+            ids[: len(tokens)] = tokens
+            sample["text"] = ids
+            sample["text_mask"] = (np.arange(cfg.text_length) < len(tokens)).astype(np.bool_)
+        return sample
+
+
+def _any_pool(mask: np.ndarray, r: int) -> np.ndarray:
+    """``(F, H, W)`` → ``(F, H/r, W/r)``: 1 where any pixel of the cell is set (max pooling)."""
+    f, h, w = mask.shape
+    return mask.reshape(f, h // r, r, w // r, r).max(axis=(2, 4)).astype(np.float32)
+
+
+def _audio_window(audio: np.ndarray, fps: float, first_frame: int, num_frames: int) -> np.ndarray:
+    """Samples of frames ``[first_frame, first_frame + num_frames)``, zero outside the clip."""
+    spf = schema.SAMPLE_RATE / fps
+    lo = int(round(first_frame * spf))
+    length = int(round(num_frames * spf))
+    out = np.zeros(length, np.float32)
+    a, b = max(lo, 0), min(lo + length, len(audio))
+    if b > a:
+        out[a - lo : b - lo] = audio[a:b]
+    return out
+
+
+# ---- the loader --------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Pipeline:
+    """A grain ``DataLoader`` over one split, with what it was built from."""
+
+    loader: grain.DataLoader
+    config: PipelineConfig
+    key_range: tuple[int, int]
+    num_usable: int
+    num_skipped: int
+    frame_size: int
+
+    def __iter__(self):
+        return iter(self.loader)
+
+
+def open_source(data_dir: str | pathlib.Path, name: str, split: str):
+    """``tfds.data_source(name, split)`` with a clear error when the dataset is not there."""
+    import tensorflow_datasets as tfds
+
+    try:
+        return tfds.data_source(name, split=split, data_dir=str(data_dir))
+    except Exception as e:  # tfds raises several types for a missing dataset / split
+        raise FileNotFoundError(
+            f"cannot open dataset {name!r} split {split!r} under data_dir {str(data_dir)!r}: {e}. "
+            "Build it first (moee prepare, or the synthetic_talking_faces builder)."
+        ) from e
+
+
+def make_pipeline(
+    source,
+    config: PipelineConfig,
+    *,
+    shard_options: grain.sharding.ShardOptions | None = None,
+    tokenizer: Callable[[str], Sequence[int]] | None = None,
+    index_cache: str | pathlib.Path | None = None,
+) -> Pipeline:
+    """A batched, sharded, deterministic grain loader over ``source`` (a ``tfds.data_source`` split).
+
+    ``shard_options`` defaults to ``ShardByJaxProcess(drop_remainder=True)``: one disjoint shard of
+    records per JAX process. Batches are ``config.batch_size`` samples (per process) stacked on a
+    leading axis.
+    """
+    if shard_options is None:
+        shard_options = grain.sharding.ShardByJaxProcess(drop_remainder=True)
+    if config.worker_count > 0:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's workers read absl flags; outside an absl app use defaults
+            flags.FLAGS.mark_as_parsed()
+    index = clip_index(source, index_cache)
+    key_range = shard_range(len(source), shard_options)
+    transform = MakeSample(source, index, config, key_range, tokenizer)
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source), shard_options=shard_options, shuffle=config.shuffle,
+        num_epochs=config.num_epochs, seed=config.seed,
+    )  # fmt: skip
+    loader = grain.DataLoader(
+        data_source=_KeySource(len(source), _describe_source(source)),
+        sampler=sampler,
+        operations=[transform, grain.transforms.Batch(config.batch_size, drop_remainder=True)],
+        worker_count=config.worker_count,
+        worker_buffer_size=config.worker_buffer_size,
+    )
+    return Pipeline(loader, config, key_range, len(transform.keys), transform.skipped, transform.size)
+
+
+def _describe_source(source) -> str:
+    """A stable description of a data source (no object addresses), for checkpoint validation."""
+    import re
+
+    return re.sub(r" at 0x[0-9a-f]+", "", repr(source))
+
+
+class _KeySource:
+    """The record keys themselves: the transform reads the record it finally chooses."""
+
+    def __init__(self, n: int, description: str):
+        self._n, self._description = n, description
+
+    def __repr__(self) -> str:  # grain checks it when restoring an iterator state
+        return f"RecordKeys({self._n}, {self._description})"
+
+    def __len__(self) -> int:
+        return self._n
+
+    def __getitem__(self, key: int) -> int:
+        return int(key)

@@ -1,0 +1,217 @@
+"""The grain training pipeline over a TFDS ArrayRecord dataset: what a training sample is."""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+import textwrap
+
+import grain
+import numpy as np
+import pytest
+
+from moee_jax.data import pipeline as P
+from moee_jax.data import schema
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+NO_SHARDING = grain.sharding.NoSharding()
+
+
+@pytest.fixture(scope="module")
+def source(synthetic_tfds):
+    data_dir, name = synthetic_tfds
+    return P.open_source(data_dir, name, "train")
+
+
+def _batches(source, n, **overrides):
+    cfg = P.PipelineConfig(**{"num_frames": 8, "motion_frames": 2, "batch_size": 4, **overrides})
+    it = iter(P.make_pipeline(source, cfg, shard_options=NO_SHARDING))
+    return [next(it) for _ in range(n)]
+
+
+def _concat(batches):
+    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+
+
+def test_sample_shapes_and_dtypes(source):
+    (b,) = _batches(source, 1, audio_context_frames=2)
+    S, m = 64, 8
+    expected = {
+        "frames": ((4, 8, S, S, 3), np.uint8), "motion_frames": ((4, 2, S, S, 3), np.uint8),
+        "reference": ((4, S, S, 3), np.uint8), "audio": ((4, 12 * 640), np.float32),
+        "face_mask": ((4, 8, m, m), np.float32), "lip_mask": ((4, 8, m, m), np.float32),
+        "mouth_mask": ((4, 8, m, m), np.float32), "loss_mask": ((4, 8, m, m), np.float32),
+        "palette": ((4, 6), np.float32), "emotion_class": ((4,), np.int32), "intensity": ((4,), np.float32),
+        "noisy": ((4,), np.bool_), "drop_reference": ((4,), np.bool_), "drop_audio": ((4,), np.bool_),
+        "drop_emotion": ((4,), np.bool_), "action_units": ((4, 8, 11), np.float32),
+        "has_action_units": ((4,), np.bool_), "clip_key": ((4,), np.int64), "start": ((4,), np.int32),
+        "reference_index": ((4,), np.int32),
+    }  # fmt: skip
+    assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
+    assert (b["lip_mask"] <= b["face_mask"] + 1e-6).all() and b["face_mask"].max() > 0.5
+
+
+def test_frames_audio_and_landmark_masks_come_from_the_chosen_window(source):
+    b = _concat(_batches(source, 2, audio_context_frames=2))
+    for i in range(len(b["clip_key"])):
+        record = source[int(b["clip_key"][i])]
+        s, r = int(b["start"][i]), int(b["reference_index"][i])
+        np.testing.assert_array_equal(b["frames"][i], schema.decode_frames(record["frames"], range(s, s + 8)))
+        np.testing.assert_array_equal(b["motion_frames"][i], schema.decode_frames(record["frames"], range(s - 2, s)))
+        np.testing.assert_array_equal(b["reference"][i], schema.decode_frames(record["frames"], [r])[0])
+        np.testing.assert_array_equal(b["action_units"][i], record["action_units"][s : s + 8])
+        audio, lo = record["audio"], (s - 2) * 640
+        want = np.zeros(12 * 640, np.float32)
+        a, e = max(lo, 0), min(lo + 12 * 640, len(audio))
+        want[a - lo : e - lo] = audio[a:e]
+        np.testing.assert_array_equal(b["audio"][i], want)
+
+
+def test_stage1_reference_frame_is_at_least_n_frames_from_the_window(source):
+    n = 6
+    b = _concat(_batches(source, 10, reference_min_distance=n))
+    window_lo, window_hi = b["start"] - 2, b["start"] + 8 - 1
+    distance = np.maximum(window_lo - b["reference_index"], b["reference_index"] - window_hi)
+    assert distance.min() >= n
+    assert len(np.unique(b["reference_index"])) > 5  # drawn, not fixed
+
+
+def test_clips_too_short_for_the_reference_distance_are_reported(source):
+    with pytest.raises(ValueError, match="reference"):
+        _batches(source, 1, num_frames=16, reference_min_distance=40)
+
+
+def test_masked_noisy_sampling_rate_is_p_and_noisy_samples_hide_the_mouth(source):
+    p = 0.3
+    b = _concat(_batches(source, 60, noisy_p=p))  # 240 samples
+    rate, sigma = b["noisy"].mean(), np.sqrt(p * (1 - p) / len(b["noisy"]))
+    assert abs(rate - p) < 4 * sigma, rate
+    noisy, clean = b["noisy"], ~b["noisy"]
+    mouth = b["mouth_mask"] > 0
+    assert mouth[noisy].any(axis=(1, 2, 3)).all()  # every noisy frame has a mouth box
+    assert (b["loss_mask"][noisy][mouth[noisy]] == 0).all()  # exactly zero over the mouth
+    assert (b["loss_mask"][noisy][~mouth[noisy]] == 1).all()  # and untouched elsewhere
+    assert (b["loss_mask"][clean] == 1).all()
+    # Class-balanced targets: every class shows up, none dominates.
+    counts = np.bincount(b["emotion_class"] + 1, minlength=8)[1:]
+    assert (counts > 0).all() and counts.max() < 3 * counts.min()
+
+
+def test_mouth_box_covers_every_lip_landmark(source):
+    b = _concat(_batches(source, 4, noisy_p=1.0))
+    lips = schema.layout_groups("synthetic72")["lips"]
+    for i in range(len(b["clip_key"])):
+        lm = source[int(b["clip_key"][i])]["landmarks"][b["start"][i] : b["start"][i] + 8][:, list(lips)]
+        cells = np.clip((lm // 8).astype(int), 0, 7)
+        for f in range(8):
+            assert (b["loss_mask"][i, f, cells[f, :, 1], cells[f, :, 0]] == 0).all()
+
+
+def test_condition_dropout_flags(source):
+    b = _concat(_batches(source, 50, drop_audio_p=0.5, drop_all_p=0.2))
+    assert not (b["drop_reference"] & ~b["drop_audio"]).any()  # reference only dropped with all
+    all_three = b["drop_reference"] & b["drop_audio"] & b["drop_emotion"]
+    assert (b["drop_reference"] == all_three).all()
+    assert abs(all_three.mean() - 0.2) < 0.1 and abs(b["drop_audio"].mean() - 0.6) < 0.1
+
+
+def test_same_seed_same_batches_different_seed_different(source):
+    a, b = _batches(source, 3, seed=7, noisy_p=0.5), _batches(source, 3, seed=7, noisy_p=0.5)
+    c = _batches(source, 3, seed=8, noisy_p=0.5)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+    assert any((x["clip_key"] != z["clip_key"]).any() for x, z in zip(a, c))
+
+
+def test_worker_processes_give_the_same_samples(source):
+    # With workers, grain batches within each worker: compare per sample (batch size 1).
+    a = _batches(source, 6, seed=3, batch_size=1)
+    b = _batches(source, 6, seed=3, batch_size=1, worker_count=2)
+    for x, y in zip(a, b):
+        for k in x:
+            np.testing.assert_array_equal(x[k], y[k])
+
+
+def test_restored_iterator_state_continues_the_same_sequence(source, tmp_path):
+    import orbax.checkpoint as ocp
+
+    cfg = P.PipelineConfig(num_frames=8, motion_frames=2, batch_size=2, seed=5, noisy_p=0.3)
+    it = iter(P.make_pipeline(source, cfg, shard_options=NO_SHARDING))
+    for _ in range(3):
+        next(it)
+    state = it.get_state()
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+        manager.save(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointSave(it)))
+        manager.wait_until_finished()
+    expected = [next(it) for _ in range(3)]
+
+    fresh = iter(P.make_pipeline(source, cfg, shard_options=NO_SHARDING))
+    with ocp.CheckpointManager(tmp_path / "ckpt", item_names=("data",)) as manager:
+        manager.restore(3, args=ocp.args.Composite(data=grain.checkpoint.CheckpointRestore(fresh)))
+    assert fresh.get_state() == state
+    for want in expected:
+        got = next(fresh)
+        for k in want:
+            np.testing.assert_array_equal(got[k], want[k])
+
+
+def test_config_rejects_bad_values():
+    with pytest.raises(ValueError, match="noisy_p"):
+        P.PipelineConfig(noisy_p=1.5)
+    with pytest.raises(ValueError, match="unknown data pipeline field"):
+        P.PipelineConfig.from_dict({"num_frame": 3})
+
+
+def test_missing_dataset_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="moee prepare"):
+        P.open_source(tmp_path, "synthetic_talking_faces/tiny", "train")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+_WORKER = textwrap.dedent("""
+    import json, sys
+    import jax
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+    from moee_jax.data import pipeline as P
+    source = P.open_source(sys.argv[3], sys.argv[4], "train")
+    cfg = P.PipelineConfig(num_frames=8, motion_frames=2, batch_size=4, noisy_p=0.5, seed=1)
+    pipe = P.make_pipeline(source, cfg)  # default: ShardByJaxProcess
+    it = iter(pipe)
+    keys = sorted({int(k) for _ in range(8) for k in next(it)["clip_key"]})
+    print(json.dumps({"process": jax.process_index(), "range": list(pipe.key_range), "keys": keys,
+                      "tensorflow": "tensorflow" in sys.modules}))
+    jax.distributed.shutdown()
+""")
+
+
+def test_two_jax_processes_read_disjoint_shards_without_tensorflow(synthetic_tfds):
+    data_dir, name = synthetic_tfds
+    address = f"127.0.0.1:{_free_port()}"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "PYTHONPATH": str(REPO)}
+    procs = [
+        subprocess.Popen([sys.executable, "-c", _WORKER, address, str(i), data_dir, name],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=REPO)
+        for i in range(2)
+    ]  # fmt: skip
+    outs = []
+    for proc in procs:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        outs.append(json.loads(out.strip().splitlines()[-1]))
+    outs.sort(key=lambda o: o["process"])
+    (lo0, hi0), (lo1, hi1) = outs[0]["range"], outs[1]["range"]
+    assert hi0 <= lo1 and lo0 == 0  # contiguous, disjoint ranges
+    assert all(lo0 <= k < hi0 for k in outs[0]["keys"]) and all(lo1 <= k < hi1 for k in outs[1]["keys"])
+    assert not set(outs[0]["keys"]) & set(outs[1]["keys"])
+    assert not outs[0]["tensorflow"] and not outs[1]["tensorflow"]

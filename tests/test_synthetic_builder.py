@@ -1,0 +1,79 @@
+"""The ``synthetic_talking_faces`` TFDS builder: splits, held-out identities and compounds, exact records."""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from moee_jax.data import pipeline as P
+from moee_jax.data import schema
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def splits(synthetic_tfds):
+    data_dir, name = synthetic_tfds
+    return {split: P.open_source(data_dir, name, split) for split in ("train", "test")}
+
+
+def _all(source, key):
+    return [source[i][key] for i in range(len(source))]
+
+
+def test_split_sizes_follow_the_config(splits):
+    from moee_jax.data.builders.synthetic_talking_faces import SyntheticTalkingFaces, clip_specs
+
+    config = SyntheticTalkingFaces.builder_configs["tiny"]
+    assert len(splits["train"]) == len(clip_specs(config, "train")) == 6 * (6 * 2 + 1)
+    assert len(splits["test"]) == len(clip_specs(config, "test")) == 2 * (7 + 4)
+
+
+def test_test_identities_are_held_out_and_compounds_only_in_test(splits):
+    train_speakers, test_speakers = set(_all(splits["train"], "speaker")), set(_all(splits["test"], "speaker"))
+    assert train_speakers and test_speakers and not train_speakers & test_speakers
+    train_emotions = {e.decode() for e in _all(splits["train"], "emotion")}
+    test_emotions = {e.decode() for e in _all(splits["test"], "emotion")}
+    assert train_emotions == set(schema.CLASSES)
+    compounds = {"happily_surprised", "angrily_disgusted", "sadly_fearful", "fearfully_surprised"}
+    assert compounds <= test_emotions and not compounds & train_emotions
+    assert set(_all(splits["test"], "emotion_class")) == set(range(7)) | {-1}
+
+
+def test_records_are_exactly_the_generator_output(splits):
+    from moee_jax.data.builders.synthetic_talking_faces import SyntheticTalkingFaces, clip_specs, render_record
+
+    config = SyntheticTalkingFaces.builder_configs["tiny"]
+    by_id = {splits["test"][i]["id"].decode(): splits["test"][i] for i in range(len(splits["test"]))}
+    spec = clip_specs(config, "test")[9]  # a compound of the first held-out identity
+    want = render_record(spec, config)
+    got = by_id[want["id"]]
+    np.testing.assert_array_equal(schema.decode_frames(got["frames"]), schema.decode_frames(want["frames"]))
+    for key in ("audio", "landmarks", "action_units", "identity", "palette"):
+        np.testing.assert_array_equal(got[key], want[key])
+    assert got["text"].decode() == want["text"] and got["emotion_class"] == -1
+
+
+def test_readable_by_grain_in_a_process_that_never_imports_tensorflow(synthetic_tfds):
+    data_dir, name = synthetic_tfds
+    script = textwrap.dedent("""
+        import sys, grain
+        import tensorflow_datasets as tfds
+        source = tfds.data_source(sys.argv[2], split="test", data_dir=sys.argv[1])
+        loader = grain.DataLoader(data_source=source, sampler=grain.samplers.IndexSampler(len(source), num_epochs=1),
+                                  operations=[grain.transforms.Batch(2)])
+        batches = list(loader)
+        assert sum(len(b["id"]) for b in batches) == len(source)
+        assert "tensorflow" not in sys.modules, "tensorflow was imported"
+        print("ok", len(source))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    out = subprocess.run([sys.executable, "-c", script, data_dir, name], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["ok", "22"]
