@@ -12,6 +12,7 @@ key                  shape / dtype                meaning
 ``reference``        ``(S, S, 3)`` uint8           the reference (identity) frame, same video
 ``audio``            ``(A,)`` float32              16 kHz speech of frames ``[s − c, s + F + c)``,
                                                    ``A = (F + 2c)·sr/fps``, zeros outside the clip
+``mel``              ``(F + 2c, n_mels)`` float32      log-mel energy of each video frame of that audio
 ``face_mask``        ``(F, m, m)`` float32         face region (area-pooled convex hull), ``m = S/r``
 ``lip_mask``         ``(F, m, m)`` float32         lip region (⊂ face)
 ``mouth_mask``       ``(F, m, m)`` float32         1 on every cell the mouth box touches, else 0
@@ -88,6 +89,7 @@ class PipelineConfig:
     motion_frames: int = 2  # M
     reference_min_distance: int = 0  # stage 1: frames between the reference and the window
     audio_context_frames: int = 2  # c: audio frames of context on each side of the window
+    mel_bins: int = 32  # log-mel features per video frame (0: none)
     mask_downsample: int = 8  # r: masks at S / r (the VAE's latent size)
     mouth_scale: float = 1.5
     noisy_p: float = 0.0  # masked noisy emotion sampling probability (stage 2)
@@ -273,15 +275,17 @@ class MakeSample(grain.transforms.RandomMap):
         drop_all = rng.random() < cfg.drop_all_p
         drops = [drop_all or rng.random() < p for p in (cfg.drop_reference_p, cfg.drop_audio_p, cfg.drop_emotion_p)]
 
+        audio = _audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
+                              f + 2 * cfg.audio_context_frames)  # fmt: skip
         aus = np.asarray(record["action_units"], np.float32)
         has_aus = aus.shape[0] == n
         sample = {
             "frames": frames[m : m + f],
             "motion_frames": frames[:m],
             "reference": frames[-1],
-            "audio": _audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
-                                   f + 2 * cfg.audio_context_frames),
+            "audio": audio,
             "face_mask": regions["face"],
+            **({"mel": frame_log_mel(audio, float(record["fps"]), cfg.mel_bins)} if cfg.mel_bins else {}),
             "lip_mask": regions["lip"],
             "mouth_mask": mouth_small,
             "loss_mask": loss_mask.astype(np.float32),
@@ -312,6 +316,22 @@ def _any_pool(mask: np.ndarray, r: int) -> np.ndarray:
     """``(F, H, W)`` → ``(F, H/r, W/r)``: 1 where any pixel of the cell is set (max pooling)."""
     f, h, w = mask.shape
     return mask.reshape(f, h // r, r, w // r, r).max(axis=(2, 4)).astype(np.float32)
+
+
+def frame_log_mel(audio: np.ndarray, fps: float, bins: int) -> np.ndarray:
+    """Log-mel energy per video frame: ``(num_frames, bins)`` float32 for ``audio`` spanning whole frames.
+
+    A 16 kHz mel spectrogram (1024-point FFT, hop = one video frame) gives a column at every frame
+    boundary; a frame's feature is the mean of the columns at its two ends, so it is centred on the
+    frame. Values are ``(ln(mel + 1e-6) + 6) / 6``, about ``[-1, 1]`` for speech at normal levels.
+    """
+    import librosa
+
+    hop = int(round(schema.SAMPLE_RATE / fps))
+    frames = len(audio) // hop
+    mel = librosa.feature.melspectrogram(y=audio, sr=schema.SAMPLE_RATE, n_fft=1024, hop_length=hop, n_mels=bins, center=True)
+    mel = 0.5 * (mel[:, :frames] + mel[:, 1 : frames + 1])
+    return ((np.log(mel + 1e-6) + 6.0) / 6.0).T.astype(np.float32)
 
 
 def _audio_window(audio: np.ndarray, fps: float, first_frame: int, num_frames: int) -> np.ndarray:

@@ -244,7 +244,7 @@ def resolve_emotion(emotion: str | np.ndarray, intensity: float) -> tuple[str, n
         for p in parts:
             palette[EMOTIONS.index(p)] = 0.5
         aus = intensity * np.maximum(EMOTION_AUS[parts[0]], EMOTION_AUS[parts[1]])
-        return name, palette, aus.astype(np.float32), f"a {name.replace('_', ' ')} person speaking"
+        return name, palette, aus.astype(np.float32), _describe(name.replace("_", " "))
     if isinstance(emotion, str):
         palette = parse_palette(emotion)
     else:
@@ -264,10 +264,16 @@ def resolve_emotion(emotion: str | np.ndarray, intensity: float) -> tuple[str, n
     if label == "mixed":
         text = "a person with mixed emotions speaking"
     elif "_" in label:
-        text = f"a {label.replace('_', ' ')} person speaking"
+        text = _describe(label.replace("_", " "))
     else:
-        text = f"a {_ADJECTIVE[label]} person speaking"
+        text = _describe(_ADJECTIVE[label])
     return label, palette, aus, text
+
+
+def _describe(adjective: str) -> str:
+    """``"a happy person speaking"``, ``"an angry person speaking"``."""
+    article = "an" if adjective[0] in "aeiou" else "a"
+    return f"{article} {adjective} person speaking"
 
 
 def _prosody(palette: np.ndarray, intensity: float) -> dict[str, float]:

@@ -210,14 +210,26 @@ class MoEE:
         return params
 
     def __call__(
-        self, params: dict, batch: dict, noisy: jax.Array, timesteps: jax.Array, *, train: bool, rng: jax.Array | None = None
+        self,
+        params: dict,
+        batch: dict,
+        noisy: jax.Array,
+        timesteps: jax.Array,
+        *,
+        train: bool,
+        rng: jax.Array | None = None,
+        use_emotion: bool = True,
     ) -> MoEEOutput:
         """One denoiser evaluation. ``rng`` feeds the embedder's sampling and modality dropout
-        (training); ``noisy (B, F, h, w, C)``, ``timesteps (B,)``."""
+        (training); ``noisy (B, F, h, w, C)``, ``timesteps (B,)``. ``use_emotion=False`` skips the
+        emotion slot (stage 1 trains the backbone without it; the MoE's zero-initialised output
+        makes the two agree at the start of stage 2)."""
         feats = reference_features(self.refnet, params["reference_net"], batch["ref_latents"], batch["context"])
         rngs = {} if rng is None else {"sample": rng, "dropout": jax.random.fold_in(rng, 1)}
         cond = self.conditioning.apply({"params": params["conditioning"]}, batch, train=train, rngs=rngs)
         kwargs = _unet_kwargs(batch, cond, feats)
+        if not use_emotion:
+            kwargs["emotion"] = None
         logits = None
         if self.discriminator is None:
             pred = self.unet.apply({"params": params["unet"]}, noisy, timesteps, batch["context"], **kwargs)
