@@ -3,6 +3,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
 
   convert   SD1.5 (diffusers folders) + AnimateDiff motion weights → Orbax parameter checkpoint
   demo      run the backbone end to end on a synthetic portrait and write frames
+  train     one training stage (vae | embedder | stage1 | stage2) on a TFDS dataset, sharded, resumable
   prepare   real videos (manifest CSV or MEAD tree) → face-cropped clips → talking_face_clips TFDS dataset
 """
 
@@ -118,7 +119,32 @@ def _prepare() -> None:
     return main
 
 
-COMMANDS = {"convert": _convert, "demo": _demo, "prepare": _prepare}
+def _train() -> None:
+    config = _config_flag("configs/stage1.py:tiny")
+    run_dir = flags.DEFINE_string("run_dir", None, "Run directory (local path or gs://); every stage writes RUN/<stage>/.", required=True)
+    max_steps = flags.DEFINE_integer("max_steps", None, "Stop after this many steps of this invocation (resume later).")
+
+    def main(argv):
+        del argv
+        # Multi-host set-up must come before anything touches JAX's backends.
+        from moee_jax.train.distributed import initialize_distributed
+
+        info = initialize_distributed()
+        from moee_jax.train.trainer import TrainingError, train
+
+        try:
+            result = train(config.value, run_dir.value, max_steps=max_steps.value)
+        except (TrainingError, FileNotFoundError, ValueError) as e:
+            sys.exit(f"moee train: {e}")
+        state = "interrupted (SIGTERM), checkpoint saved" if result.interrupted else "done"
+        if info.process_id == 0:
+            print(f"{result.stage}: {state} at step {result.final_step}; {result.skipped_steps} non-finite step(s) skipped; "
+                  f"run directory {result.run_dir}")
+
+    return main
+
+
+COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare}
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -86,6 +86,7 @@ class PipelineConfig:
     """What a training sample contains and how it is drawn (see the module docstring)."""
 
     num_frames: int = 16  # F
+    image_size: int = 0  # S: frames resized to S × S (landmarks scaled with them); 0 keeps the stored size
     motion_frames: int = 2  # M
     reference_min_distance: int = 0  # stage 1: frames between the reference and the window
     audio_context_frames: int = 2  # c: audio frames of context on each side of the window
@@ -208,7 +209,8 @@ class MakeSample(grain.transforms.RandomMap):
         sizes = np.unique(index.frame_size[self.keys])
         if len(sizes) != 1:
             raise ValueError(f"records have mixed frame sizes {sizes.tolist()}; prepare the dataset at one size")
-        self.size = int(sizes[0])
+        self.stored_size = int(sizes[0])
+        self.size = cfg.image_size or self.stored_size
         if self.size % cfg.mask_downsample:
             raise ValueError(f"frame size {self.size} is not divisible by data.mask_downsample={cfg.mask_downsample}")
         self.num_frames = index.num_frames
@@ -259,6 +261,9 @@ class MakeSample(grain.transforms.RandomMap):
         m, f = cfg.motion_frames, cfg.num_frames
         frames = schema.decode_frames(record["frames"], list(range(s - m, s + f)) + [r])
         landmarks = np.asarray(record["landmarks"], np.float32)[s : s + f]
+        if self.size != self.stored_size:
+            frames = _resize(frames, self.size)
+            landmarks = landmarks * (self.size / self.stored_size)
         layout = record["landmark_layout"]
         groups = schema.layout_groups(layout.decode() if isinstance(layout, bytes) else str(layout))
         size, small = self.size, self.size // cfg.mask_downsample
@@ -310,6 +315,14 @@ class MakeSample(grain.transforms.RandomMap):
             sample["text"] = ids
             sample["text_mask"] = (np.arange(cfg.text_length) < len(tokens)).astype(np.bool_)
         return sample
+
+
+def _resize(frames: np.ndarray, size: int) -> np.ndarray:
+    """``(n, S, S, 3)`` uint8 → ``(n, size, size, 3)`` (PIL area / bicubic resampling)."""
+    from PIL import Image
+
+    method = Image.Resampling.BOX if size < frames.shape[1] else Image.Resampling.BICUBIC
+    return np.stack([np.asarray(Image.fromarray(f).resize((size, size), method)) for f in frames])
 
 
 def _any_pool(mask: np.ndarray, r: int) -> np.ndarray:
