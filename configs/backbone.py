@@ -79,6 +79,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # "blockwise" (flash-style, pure JAX) runs everywhere and is fastest on CPU; "cudnn" on NVIDIA GPUs
     # where head dims allow (≤ 128), "pallas" on TPU; "xla" is the plain reference.
     c.model.unet.attention_implementation = "blockwise"
+    # Activation rematerialisation in training: "none" | "full" | "dots" (memory for recompute).
+    c.model.unet.remat = "none"
     c.model.face_locator = ConfigDict(face_locator)
     # Emotion conditioning (MoEE / DICE-Talk). ``sources``: any of label / text / speech (through
     # Emotion-to-Latents), or ("embedder",) for the Gaussian embedder (+ ``bank``).

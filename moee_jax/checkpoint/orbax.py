@@ -11,11 +11,18 @@ import pathlib
 
 import jax
 import orbax.checkpoint as ocp
+from etils import epath
 
 
-def save_params(directory: str | pathlib.Path, params: dict, metadata: dict) -> pathlib.Path:
+def _path(directory) -> epath.Path:
+    """Local paths made absolute; ``gs://`` and other remote paths kept as they are."""
+    text = str(directory)
+    return epath.Path(text) if "://" in text else epath.Path(pathlib.Path(text).absolute())
+
+
+def save_params(directory: str | pathlib.Path, params: dict, metadata: dict) -> epath.Path:
     """Write ``params`` (any pytree of arrays) and ``metadata`` under ``directory``."""
-    directory = pathlib.Path(directory).absolute()
+    directory = _path(directory)
     if (directory / "params").exists():
         raise FileExistsError(f"{directory} already holds a checkpoint; choose a new --out directory")
     directory.mkdir(parents=True, exist_ok=True)
@@ -27,7 +34,7 @@ def save_params(directory: str | pathlib.Path, params: dict, metadata: dict) -> 
 
 
 def load_metadata(directory: str | pathlib.Path) -> dict:
-    path = pathlib.Path(directory) / "metadata.json"
+    path = _path(directory) / "metadata.json"
     if not path.exists():
         raise FileNotFoundError(f"{directory}: not a moee_jax parameter checkpoint (no metadata.json)")
     return json.loads(path.read_text())
@@ -36,7 +43,7 @@ def load_metadata(directory: str | pathlib.Path) -> dict:
 def restore_params(directory: str | pathlib.Path, abstract: dict | None = None) -> dict:
     """Read ``params`` back; ``abstract`` (ShapeDtypeStructs, optionally with shardings) places
     every leaf directly on its devices, which is how a different mesh restores the same tree."""
-    directory = pathlib.Path(directory).absolute()
+    directory = _path(directory)
     if not (directory / "params").exists():
         raise FileNotFoundError(f"{directory}: no params/ inside; is this a moee_jax parameter checkpoint?")
     with ocp.StandardCheckpointer() as ckptr:

@@ -57,6 +57,22 @@ class FeedForward(nn.Module):
         )
 
 
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute everything in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs, recompute the rest
+}
+
+
+def maybe_remat(module_cls, remat: str):
+    """``module_cls`` itself, or its rematerialised version (``nn.remat`` with the named policy)."""
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"remat={remat!r}; choose one of {tuple(REMAT_POLICIES)}")
+    if remat == "none":
+        return module_cls
+    return nn.remat(module_cls, policy=REMAT_POLICIES[remat], prevent_cse=True)
+
+
 class SpatialTransformerBlock(nn.Module):
     """One spatial transformer block over a frame-folded token sequence ``x (N, L, C)``.
 
@@ -130,6 +146,7 @@ class Transformer2D(nn.Module):
     audio_dim: int | None = None
     emotion_slot: Callable[..., nn.Module] | None = None
     implementation: str = "xla"
+    remat: str = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -141,8 +158,13 @@ class Transformer2D(nn.Module):
         else:
             h = conv(self.channels, 1, name="proj_in", dtype=self.dtype)(h).reshape(n, hgt * wid, self.channels)
         mask = None if audio_mask is None else audio_mask.reshape(n, hgt * wid, 1)
+        # A rematerialised block takes only array arguments: ReferenceNet's sowing pass is never remat'ed.
+        collect = bool(kw.pop("collect_reference", False))
+        block_cls = SpatialTransformerBlock if collect else maybe_remat(SpatialTransformerBlock, self.remat)
+        if collect:
+            kw["collect_reference"] = True
         for i in range(self.num_layers):
-            h = SpatialTransformerBlock(
+            h = block_cls(
                 self.channels,
                 self.heads,
                 self.cross_attention_dim,
@@ -196,6 +218,7 @@ class TemporalTransformer(nn.Module):
     groups: int = 32
     max_frames: int = 32
     implementation: str = "xla"
+    remat: str = "none"
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
@@ -211,7 +234,7 @@ class TemporalTransformer(nn.Module):
         h = h.transpose(0, 2, 3, 1, 4).reshape(b * hgt * wid, f, c)
         h = dense(c, ("embed", "mlp"), name="proj_in", dtype=self.dtype)(h)
         for i in range(self.num_layers):
-            h = TemporalTransformerBlock(
+            h = maybe_remat(TemporalTransformerBlock, self.remat)(
                 c, self.heads, self.max_frames, self.implementation, self.dtype, name=f"transformer_blocks_{i}"
             )(h)
         h = dense(c, ("mlp", "embed"), zero_init=True, name="proj_out", dtype=self.dtype)(h)

@@ -34,7 +34,7 @@ import jax.numpy as jnp
 
 from moee_jax.models.config_dict import dataclass_from_dict
 from moee_jax.models.frames import fold_frames, unfold_frames
-from moee_jax.models.transformers import TemporalTransformer, Transformer2D, child
+from moee_jax.models.transformers import TemporalTransformer, Transformer2D, child, maybe_remat
 from moee_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
 from moee_jax.nn.layers import conv
 from moee_jax.nn.norms import group_norm
@@ -73,6 +73,9 @@ class UNetConfig:
     emotion_slot: Callable[..., nn.Module] | None = None
     emotion_dim: int | None = None
     attention_implementation: str = "xla"
+    # Rematerialisation of every spatial / temporal transformer block and ResNet in training:
+    # "none" | "full" (recompute all) | "dots" (keep matmul outputs) — see transformers.REMAT_POLICIES.
+    remat: str = "none"
 
     @classmethod
     def from_dict(cls, d) -> UNetConfig:
@@ -98,7 +101,8 @@ class _Level(nn.Module):
     dtype: jnp.dtype
 
     def resnet(self, i):
-        return ResnetBlock2D(self.channels, self.cfg.norm_num_groups, self.cfg.norm_eps, dtype=self.dtype, name=f"resnets_{i}")
+        block = maybe_remat(ResnetBlock2D, self.cfg.remat)
+        return block(self.channels, self.cfg.norm_num_groups, self.cfg.norm_eps, dtype=self.dtype, name=f"resnets_{i}")
 
     def transformer(self, i):
         c = self.cfg
@@ -112,6 +116,7 @@ class _Level(nn.Module):
             audio_dim=c.audio_dim,
             emotion_slot=c.emotion_slot,
             implementation=c.attention_implementation,
+            remat=c.remat,
             dtype=self.dtype,
             name=f"attentions_{i}",
         )
@@ -126,6 +131,7 @@ class _Level(nn.Module):
             groups=c.motion_norm_num_groups,
             max_frames=c.motion_max_seq_length,
             implementation=c.attention_implementation,
+            remat=c.remat,
             dtype=self.dtype,
             name=f"motion_modules_{i}",
         )

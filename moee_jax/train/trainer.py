@@ -33,6 +33,7 @@ import time
 from collections.abc import Callable
 
 import flax.linen as nn
+from etils import epath
 import grain
 import jax
 import jax.numpy as jnp
@@ -73,8 +74,14 @@ class TrainResult:
 # ---- pieces ------------------------------------------------------------------------------------------
 
 
-def stage_dir(run_dir: str | pathlib.Path, stage: str) -> pathlib.Path:
-    return pathlib.Path(run_dir).absolute() / stage
+def run_path(path) -> epath.Path:
+    """A local or ``gs://`` path (``pathlib`` would turn ``gs://`` into ``gs:/``)."""
+    text = str(path)
+    return epath.Path(text) if "://" in text else epath.Path(pathlib.Path(text).absolute())
+
+
+def stage_dir(run_dir, stage: str) -> epath.Path:
+    return run_path(run_dir) / stage
 
 
 def pipeline_config(config: ConfigDict) -> data_pipeline.PipelineConfig:
@@ -125,7 +132,7 @@ class Trainer:
         if config.stage not in STAGES:
             raise TrainingError(f"config.stage={config.stage!r}; choose one of {STAGES}")
         self.config = config
-        self.run_dir = pathlib.Path(run_dir).absolute()
+        self.run_dir = run_path(run_dir)
         self.dir = stage_dir(run_dir, config.stage)
         self.stage: Stage = make_stage(config)
         self.mesh = make_mesh(tuple(config.mesh.shape))
@@ -201,7 +208,7 @@ class Trainer:
         shardings = merge_params(self.state_shardings.trainable, self.state_shardings.frozen)
         filled: dict[str, str] = {}
         for src in sources:
-            path = pathlib.Path(src)
+            path = run_path(src)
             if not (path / "params").exists():
                 if self.config.train.get("init_from"):
                     raise TrainingError(f"config.train.init_from: {src} holds no final params (params/ missing)")
@@ -291,9 +298,27 @@ class Trainer:
             donate_argnums=(0,),
         )
         with jax.set_mesh(self.mesh), nn.logical_axis_rules(DEFAULT_RULES):
-            self._compiled = jitted.lower(state, batch, self.extra).compile()
-        self.step_flops = metrics_lib.compiled_flops(self._compiled)
+            lowered = jitted.lower(state, batch, self.extra)
+            self._compiled = lowered.compile()
+        # Counted before SPMD partitioning: the model's FLOPs per step over all devices.
+        self.step_flops = metrics_lib.compiled_flops(lowered)
         return self._compiled
+
+    def eval_loss(self, state: TrainState, batch: dict, seed: int = 0, *, use_ema: bool = False) -> dict:
+        """The stage's loss terms on ``batch`` (a global batch) with a fixed RNG: comparable across steps."""
+        if not hasattr(self, "_eval"):
+            stage, module = self.stage, self.lpips_module
+
+            def fn(trainable, frozen, batch, rng, extra):
+                fns = {} if module is None else {"lpips": lambda a, b: module.apply({"params": extra["lpips"]}, a, b)}
+                loss, terms = stage.loss(merge_params(trainable, frozen), batch, rng, fns)
+                return {"loss": loss, **terms}
+
+            self._eval = jax.jit(fn)
+        trainable = state.ema if use_ema and state.ema is not None else state.trainable
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(DEFAULT_RULES):
+            out = self._eval(trainable, state.frozen, batch, jax.random.key(seed), self.extra)
+        return {k: float(v) for k, v in jax.device_get(out).items()}
 
     # -- checkpoints --------------------------------------------------------------------------------------
     def _manager(self) -> ocp.CheckpointManager:
@@ -317,14 +342,11 @@ class Trainer:
         )
         return manager.restore(step, args=args).state
 
-    def export_final(self, state: TrainState) -> pathlib.Path:
+    def export_final(self, state: TrainState) -> epath.Path:
         """Write ``RUN/<stage>/final``: merged params (EMA'd trainables when EMA is on, else raw)."""
         final = self.dir / "final"
-        if (final / "params").exists():
-            import shutil
-
-            if jax.process_index() == 0:
-                shutil.rmtree(final)
+        if (final / "params").exists() and jax.process_index() == 0:
+            final.rmtree()  # a re-run of a finished stage replaces its export
         trainable = state.ema if (state.ema is not None and self.config.checkpoint.get("export_ema", False)) else state.trainable
         params = merge_params(trainable, state.frozen)
         meta = {"stage": self.config.stage, "parts": sorted(params), "step": int(state.step), "config": self.config.get("variant", "")}
@@ -340,13 +362,20 @@ class Trainer:
             (self.dir / "config.json").write_text(self.config.to_json_best_effort(indent=2))
         total = int(t.steps)
         manager = self._manager()
-        iterator = iter(self._pipeline())
+        pipeline = self._pipeline()
+        iterator = iter(pipeline)
+        shards = self.dir / "data_shards"
+        shards.mkdir(exist_ok=True)
+        (shards / f"process_{jax.process_index()}.json").write_text(json.dumps({
+            "process": jax.process_index(), "record_keys": list(pipeline.key_range), "usable_clips": pipeline.num_usable,
+            "skipped_clips": pipeline.num_skipped}))  # fmt: skip
         latest = manager.latest_step()
         if latest is not None:
             state = self._restore(manager, latest, iterator)
             log.info("resumed %s at step %d from %s", cfg.stage, latest, self.dir / "checkpoints")
         else:
             state = self._init_state()
+        self.state = state
         start = int(state.step)
         stop_at = total if max_steps is None else min(total, start + max_steps)
 
@@ -358,7 +387,9 @@ class Trainer:
 
         if _main_thread():
             signal.signal(signal.SIGTERM, on_term)
-        writer = metrics_lib.MetricsWriter(self.run_dir / "tensorboard" / cfg.stage, enabled=jax.process_index() == 0)
+        writer = metrics_lib.MetricsWriter(
+            str(self.run_dir / "tensorboard" / cfg.stage), enabled=jax.process_index() == 0, purge_step=start if start else None
+        )  # a resumed run drops points an interrupted attempt logged after its checkpoint
         progress = metrics_lib.ProgressLine(total)
         jsonl = (self.dir / "metrics.jsonl").open("a") if jax.process_index() == 0 else None
         losses: dict[int, float] = {}
@@ -375,6 +406,7 @@ class Trainer:
                 if self._compiled is None:
                     self.compile(state, batch)
                 state, out = self._compiled(state, batch, self.extra)
+                self.state = state
                 step += 1
                 steps_since += 1
                 if step % log_every == 0 or step == stop_at:
@@ -427,7 +459,7 @@ def _struct(leaf, sharding):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
-def _restore_subtree(path: pathlib.Path, abstract: dict) -> dict:
+def _restore_subtree(path, abstract: dict) -> dict:
     """Restore the parts in ``abstract`` (ShapeDtypeStructs with shardings) from a params checkpoint.
 
     Parts the checkpoint holds but ``abstract`` does not name are read replicated and dropped, so

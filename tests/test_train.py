@@ -1,0 +1,294 @@
+"""Training stages on the tiny config with synthetic data: losses fall, freezing holds, state is exact."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from moee_jax.train.trainer import Trainer, TrainingError, to_global
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def stage_config(stage: str, data_dir: str, **train):
+    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", REPO / "configs" / f"{stage}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config("tiny")
+    c.data.data_dir = data_dir
+    c.train.log_every = 1
+    c.checkpoint.async_save = False
+    for k, v in train.items():
+        setattr(c.train, k, v)
+    return c
+
+
+def _leaves(tree) -> dict:
+    return {"/".join(k): np.asarray(v) for k, v in traverse_util.flatten_dict(jax.device_get(tree)).items()}
+
+
+def _fixed_batch(trainer):
+    return to_global(trainer.example, trainer.batch_shardings)
+
+
+def _train_and_measure(trainer, steps):
+    trainer.state = trainer._init_state()
+    batch = _fixed_batch(trainer)
+    before = trainer.eval_loss(trainer.state, batch)
+    result = trainer.run(max_steps=steps)
+    after = trainer.eval_loss(trainer.state, batch)
+    return before, after, result
+
+
+@pytest.mark.parametrize("stage", ["vae", "embedder"])
+def test_autoencoder_and_embedder_stages_reduce_their_loss(stage, synthetic_tfds, tmp_path):
+    data_dir, _ = synthetic_tfds
+    trainer = Trainer(stage_config(stage, data_dir, steps=25), tmp_path)
+    before, after, result = _train_and_measure(trainer, 25)
+    assert result.final_step == 25 and not result.interrupted
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert (tmp_path / stage / "final" / "params").exists()
+
+
+@pytest.fixture(scope="module")
+def two_stages(synthetic_tfds, tmp_path_factory):
+    """stage1 then stage2 (15 steps each) in one run directory, with fixed-batch losses."""
+    data_dir, _ = synthetic_tfds
+    run = tmp_path_factory.mktemp("run")
+    out = {}
+    for stage in ("stage1", "stage2"):
+        trainer = Trainer(stage_config(stage, data_dir, steps=15, learning_rate=2e-3), run)
+        init = trainer._init_state()
+        out[stage] = {"init": (_leaves(init.trainable), _leaves(init.frozen))}
+        del init
+        before, after, result = _train_and_measure(trainer, 15)
+        out[stage].update(before=before, after=after, result=result, trainer=trainer,
+                          final=(_leaves(trainer.state.trainable), _leaves(trainer.state.frozen)))  # fmt: skip
+    return out
+
+
+def test_stage1_and_stage2_reduce_the_denoising_loss(two_stages):
+    for stage in ("stage1", "stage2"):
+        before, after = two_stages[stage]["before"], two_stages[stage]["after"]
+        assert after["latent"] < before["latent"], (stage, before, after)
+        assert np.isfinite(after["spatial"])
+
+
+def test_stage2_freezes_the_backbone_bit_for_bit_and_trains_the_emotion_parts(two_stages):
+    s1_train, s1_frozen = two_stages["stage1"]["final"]
+    s1 = {**s1_train, **s1_frozen}
+    init_train, init_frozen = two_stages["stage2"]["init"]
+    end_train, end_frozen = two_stages["stage2"]["final"]
+    # stage 2 starts from stage 1's final parameters, part by part
+    for path, value in {**init_train, **init_frozen}.items():
+        if path in s1 and not path.startswith("conditioning/latents"):
+            np.testing.assert_array_equal(value, s1[path], err_msg=path)
+    assert all("/emotion/" in p or p.startswith(("conditioning/latents", "discriminator")) for p in end_train)
+    assert any("/emotion/" in p for p in end_train) and any(p.startswith("conditioning/latents") for p in end_train)
+    for path, value in end_frozen.items():  # frozen: bit-identical
+        np.testing.assert_array_equal(value, init_frozen[path], err_msg=path)
+    changed = [p for p in end_train if not np.array_equal(end_train[p], init_train[p])]
+    assert len(changed) > 0.5 * len(end_train)
+    # no optimizer state for frozen parameters: Adam's moments cover exactly the trainable leaves
+    trainer = two_stages["stage2"]["trainer"]
+    moments = [x for x in jax.tree_util.tree_leaves(trainer.state.opt_state) if np.ndim(x) > 0]
+    assert sum(int(np.size(x)) for x in moments) == 2 * sum(v.size for v in end_train.values())
+
+
+def test_stage1_freezes_the_vae_and_the_emotion_experts(two_stages):
+    init_train, init_frozen = two_stages["stage1"]["init"]
+    end_train, end_frozen = two_stages["stage1"]["final"]
+    assert any(p.startswith("vae/") for p in end_frozen) and any("/emotion/" in p for p in end_frozen)
+    assert not any(p.startswith("vae/") or "/emotion/" in p for p in end_train)
+    for path, value in end_frozen.items():
+        np.testing.assert_array_equal(value, init_frozen[path], err_msg=path)
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(synthetic_tfds, tmp_path):
+    data_dir, _ = synthetic_tfds
+    trainer = Trainer(stage_config("vae", data_dir, steps=10, nan_patience=3), tmp_path)
+    loss = trainer.stage.loss
+    trainer.stage = dataclasses.replace(trainer.stage, loss=lambda *a: (loss(*a)[0] * jnp.nan, loss(*a)[1]))
+    init = _leaves(trainer._init_state().trainable)
+    with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
+        trainer.run()
+    assert int(trainer.state.skipped) == 3
+    for path, value in _leaves(trainer.state.trainable).items():
+        np.testing.assert_array_equal(value, init[path])
+
+
+def test_restore_onto_a_different_mesh(synthetic_tfds, tmp_path):
+    data_dir, _ = synthetic_tfds
+    c = stage_config("vae", data_dir, steps=6)
+    c.checkpoint.every_steps = 3
+    first = Trainer(c, tmp_path)
+    first.run(max_steps=3)
+    saved = _leaves(first.state.trainable)
+    c2 = stage_config("vae", data_dir, steps=6)
+    c2.mesh.shape = (2, 2, 2)
+    second = Trainer(c2, tmp_path)
+    manager = second._manager()
+    restored = second._restore(manager, 3, iter(second._pipeline()))
+    manager.close()
+    for path, value in _leaves(restored.trainable).items():
+        np.testing.assert_array_equal(value, saved[path])
+    assert restored.trainable["vae"]["encoder"]["conv_in"]["kernel"].sharding.mesh.shape == {"data": 2, "fsdp": 2, "tensor": 2}
+    result = second.run()  # and training continues from there on the new mesh
+    assert result.final_step == 6
+
+
+# ---- the CLI as a process: preemption and multi-host -------------------------------------------------------
+
+
+def _moee_train(run_dir, data_dir, *extra, env=None, stage="vae"):
+    args = [sys.executable, "-m", "moee_jax.cli", "train", f"--config={REPO}/configs/{stage}.py:tiny", f"--run_dir={run_dir}",
+            f"--config.data.data_dir={data_dir}", "--config.train.log_every=1", "--config.checkpoint.async_save=False", *extra]  # fmt: skip
+    base = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    return args, {**base, **(env or {})}
+
+
+def _losses(run_dir, stage="vae") -> dict[int, float]:
+    lines = (pathlib.Path(run_dir) / stage / "metrics.jsonl").read_text().splitlines()
+    return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
+
+
+def test_sigkill_then_resume_repeats_the_uninterrupted_losses_step_for_step(synthetic_tfds, tmp_path):
+    data_dir, _ = synthetic_tfds
+    common = ("--config.train.steps=12", "--config.checkpoint.every_steps=4")
+    args, env = _moee_train(tmp_path / "straight", data_dir, *common)
+    subprocess.run(args, env=env, check=True, capture_output=True, timeout=600)
+    reference = _losses(tmp_path / "straight")
+
+    args, env = _moee_train(tmp_path / "killed", data_dir, *common)
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    checkpoints = tmp_path / "killed" / "vae" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline:  # kill after step 6 is logged (checkpoint at 4, not yet at 8)
+        if (tmp_path / "killed" / "vae" / "metrics.jsonl").exists() and 6 in _losses(tmp_path / "killed"):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert (checkpoints / "4").exists() and not (checkpoints / "12").exists()
+    out = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    resumed = {}
+    for line in (tmp_path / "killed" / "vae" / "metrics.jsonl").read_text().splitlines():
+        resumed[json.loads(line)["step"]] = json.loads(line)["loss"]  # later lines (after the resume) win
+    assert sorted(resumed) == sorted(reference)
+    for step in reference:
+        assert resumed[step] == reference[step], (step, resumed[step], reference[step])
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_tfds, tmp_path):
+    data_dir, _ = synthetic_tfds
+    args, env = _moee_train(tmp_path, data_dir, "--config.train.steps=100000", "--config.checkpoint.every_steps=100000")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.time() + 600
+    while time.time() < deadline and not ((tmp_path / "vae" / "metrics.jsonl").exists() and _losses(tmp_path)):
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "interrupted (SIGTERM), checkpoint saved" in out
+    steps = sorted(int(p.name) for p in (tmp_path / "vae" / "checkpoints").iterdir() if p.name.isdigit())
+    assert steps and steps[-1] >= max(_losses(tmp_path))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_train_save_and_resume_on_disjoint_shards(synthetic_tfds, tmp_path):
+    data_dir, _ = synthetic_tfds
+
+    def launch(steps):
+        address = f"127.0.0.1:{_free_port()}"
+        procs = []
+        for i in range(2):
+            args, env = _moee_train(tmp_path, data_dir, f"--config.train.steps={steps}", "--config.checkpoint.every_steps=2", env={
+                "MOEE_COORDINATOR_ADDRESS": address, "MOEE_NUM_PROCESSES": "2", "MOEE_PROCESS_ID": str(i),
+                "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # fmt: skip
+            procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
+        for proc in procs:
+            out, _ = proc.communicate(timeout=600)
+            assert proc.returncode == 0, out[-3000:]
+
+    launch(4)
+    assert (tmp_path / "vae" / "checkpoints" / "4").exists()
+    launch(6)  # resumes at 4 from the saved state and data-iterator states of both processes
+    assert sorted(_losses(tmp_path)) == [1, 2, 3, 4, 5, 6]
+    shards = [json.loads((tmp_path / "vae" / "data_shards" / f"process_{i}.json").read_text()) for i in range(2)]
+    (lo0, hi0), (lo1, hi1) = shards[0]["record_keys"], shards[1]["record_keys"]
+    assert lo0 == 0 and hi0 <= lo1 and hi1 > lo1
+
+
+@pytest.mark.slow
+def test_sharded_stage1_step_equals_the_single_device_step(synthetic_tfds, tmp_path):
+    _sharded_vs_single("stage1", synthetic_tfds[0], tmp_path)
+
+
+def test_sharded_vae_step_equals_the_single_device_step(synthetic_tfds, tmp_path):
+    _sharded_vs_single("vae", synthetic_tfds[0], tmp_path)
+
+
+def _sharded_vs_single(stage, data_dir, tmp_path):
+    """The step's loss and gradients (the optimiser is elementwise after them) on both meshes."""
+    import flax.linen as nn
+
+    from moee_jax.parallel.rules import DEFAULT_RULES
+    from moee_jax.train.partition import merge_params
+
+    results = {}
+    for name, shape, devices in (("mesh", (2, 2, 2), 8), ("single", (1, 1, 1), 1)):
+        c = stage_config(stage, data_dir, steps=1)
+        c.mesh.shape = shape
+        trainer = Trainer(c, tmp_path / name) if devices == 8 else _single_device_trainer(c, tmp_path / name)
+        state = trainer._init_state()
+        batch = to_global(trainer.example, trainer.batch_shardings)
+
+        def loss(trainable, frozen, batch, stage=trainer.stage):
+            return stage.loss(merge_params(trainable, frozen), batch, jax.random.key(0), {})[0]
+
+        with jax.set_mesh(trainer.mesh), nn.logical_axis_rules(DEFAULT_RULES):
+            value, grads = jax.jit(jax.value_and_grad(loss))(state.trainable, state.frozen, batch)
+        results[name] = (float(value), _leaves(grads), _leaves(state.trainable))
+    (mesh_loss, mesh_grads, mesh_init), (single_loss, single_grads, single_init) = results["mesh"], results["single"]
+    for path, value in single_init.items():  # the same initial parameters, however sharded
+        np.testing.assert_array_equal(mesh_init[path], value)
+    assert abs(mesh_loss - single_loss) <= 1e-5 * abs(single_loss)
+    # Leaves that are analytically zero (e.g. attention key biases) hold only rounding noise: scale
+    # each leaf's error by its own size, but at least 1e-4 of the largest gradient anywhere.
+    floor = 1e-4 * max(np.abs(v).max() for v in single_grads.values())
+    for path, value in single_grads.items():
+        err = np.abs(mesh_grads[path] - value).max() / max(np.abs(value).max(), floor)
+        assert err < 1e-5, (path, err)
+
+
+def _single_device_trainer(config, run_dir):
+    from moee_jax.parallel import mesh as mesh_lib
+
+    original = mesh_lib.make_mesh
+    try:
+        import moee_jax.train.trainer as trainer_module
+
+        trainer_module.make_mesh = lambda shape: original(shape, devices=jax.devices()[:1])
+        return Trainer(config, run_dir)
+    finally:
+        trainer_module.make_mesh = original
