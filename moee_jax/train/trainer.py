@@ -33,13 +33,13 @@ import time
 from collections.abc import Callable
 
 import flax.linen as nn
-from etils import epath
 import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from etils import epath
 from ml_collections import ConfigDict
 
 from moee_jax.checkpoint.orbax import save_params
@@ -345,8 +345,13 @@ class Trainer:
     def export_final(self, state: TrainState) -> epath.Path:
         """Write ``RUN/<stage>/final``: merged params (EMA'd trainables when EMA is on, else raw)."""
         final = self.dir / "final"
-        if (final / "params").exists() and jax.process_index() == 0:
-            final.rmtree()  # a re-run of a finished stage replaces its export
+        if (final / "params").exists():
+            if jax.process_index() == 0:
+                final.rmtree()  # a re-run of a finished stage replaces its export
+            if jax.process_count() > 1:
+                from jax.experimental import multihost_utils
+
+                multihost_utils.sync_global_devices("moee_export_final_cleared")
         trainable = state.ema if (state.ema is not None and self.config.checkpoint.get("export_ema", False)) else state.trainable
         params = merge_params(trainable, state.frozen)
         meta = {"stage": self.config.stage, "parts": sorted(params), "step": int(state.step), "config": self.config.get("variant", "")}
@@ -435,7 +440,8 @@ class Trainer:
                         )
                 self._save(manager, step, state, iterator)
                 if interrupted["flag"]:
-                    self._save(manager, step, state, iterator, force=True)
+                    if manager.latest_step() != step:
+                        self._save(manager, step, state, iterator, force=True)
                     manager.wait_until_finished()
                     log.warning("SIGTERM: saved %s at step %d and stopped", cfg.stage, step)
                     return TrainResult(cfg.stage, step - start, step, losses, str(self.run_dir), True, int(state.skipped))

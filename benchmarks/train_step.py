@@ -1,0 +1,109 @@
+"""Training-step throughput of the real trainer: examples/s, XLA FLOPs per step, achieved FLOP/s, MFU.
+
+Builds a small synthetic_talking_faces dataset in a temporary directory, constructs
+:class:`moee_jax.train.trainer.Trainer` for each case (stage, config variant, overrides), compiles
+the sharded step once and times ``--steps`` steps after ``--warmup`` (the median of per-step times;
+each step is synchronised). FLOPs come from XLA's cost analysis of the step before partitioning;
+MFU needs the device's peak (known for TPUs and data-centre GPUs, or ``--peak_tflops``).
+
+    python benchmarks/train_step.py                       # CPU: tiny stage1/2, sd15-shaped stage2
+    python benchmarks/train_step.py --cases sd15:stage1:512:16 --dtype bfloat16   # on a GPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import pathlib
+import platform
+import statistics
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def _config(stage: str, variant: str):
+    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", REPO / "configs" / f"{stage}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", nargs="+", default=["tiny:stage1:32:4", "tiny:stage2:32:4", "sd15:stage2:64:2"],
+                        help="variant:stage:image_size:frames")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=0, help="global batch (default: one per device)")
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--remat", default="none")
+    parser.add_argument("--attention", default="")
+    parser.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak, for MFU where not known")
+    args = parser.parse_args()
+
+    import jax
+
+    from moee_jax.data.builders.synthetic_talking_faces import SyntheticConfig, build
+    from moee_jax.train import metrics
+    from moee_jax.train.trainer import Trainer, to_global
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        sizes = sorted({int(c.split(":")[2]) for c in args.cases})
+        for size in sizes:
+            build(SyntheticConfig(name=f"bench{size}", size=size, num_frames=40, train_identities=2, test_identities=1,
+                                  clips_per_emotion=1, intensities=(1.0,)), tmp)  # fmt: skip
+        for case in args.cases:
+            variant, stage, size, frames = case.split(":")
+            c = _config(stage, variant)
+            c.dtype = args.dtype
+            c.model.unet.remat = args.remat
+            if args.attention:
+                c.model.unet.attention_implementation = args.attention
+            c.video.image_size = (int(size), int(size))
+            c.video.num_frames = int(frames)
+            c.data.update(data_dir=tmp, name=f"synthetic_talking_faces/bench{size}", num_frames=int(frames), image_size=int(size),
+                          reference_min_distance=0)  # fmt: skip
+            c.train.batch_size = args.batch or jax.device_count()
+            c.train.ema_decay = 0.0
+            c.mesh.shape = (-1, 1, 1)
+            t0 = time.perf_counter()
+            trainer = Trainer(c, pathlib.Path(tmp) / f"run_{case.replace(':', '_')}")
+            state = trainer._init_state()
+            batch = to_global(trainer.example, trainer.batch_shardings)
+            trainer.compile(state, batch)
+            compile_s = time.perf_counter() - t0
+            times = []
+            for i in range(args.warmup + args.steps):
+                t = time.perf_counter()
+                state, out = trainer._compiled(state, batch, trainer.extra)
+                jax.block_until_ready(out["loss"])
+                if i >= args.warmup:
+                    times.append(time.perf_counter() - t)
+            step_s = statistics.median(times)
+            flops = trainer.step_flops
+            peak = args.peak_tflops * 1e12 if args.peak_tflops else metrics.peak_flops_per_device(jax.devices()[0], args.dtype)
+            mfu = metrics.mfu(flops, 1.0 / step_s, jax.device_count(), peak)
+            rows.append((case, trainer.num_trainable / 1e6, (trainer.num_trainable + trainer.num_frozen) / 1e6,
+                         c.train.batch_size, step_s * 1e3, c.train.batch_size / step_s, flops, mfu, compile_s))  # fmt: skip
+            del trainer, state, batch
+
+    device = jax.devices()[0]
+    print(f"# train step, {datetime.date.today()}, {device.device_kind} × {jax.device_count()} ({platform.machine()}, "
+          f"{os.cpu_count()} CPUs), {args.dtype}, remat={args.remat}")  # fmt: skip
+    print("| case (variant:stage:size:frames) | trainable M | total M | batch | step ms | examples/s | GFLOP/step | GFLOP/s | MFU | compile s |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for case, tr, tot, b, ms, eps, flops, mfu, comp in rows:
+        gflop = "n/a" if flops is None else f"{flops / 1e9:.1f}"
+        rate = "n/a" if flops is None else f"{flops / 1e9 / (ms / 1e3):.1f}"
+        print(f"| {case} | {tr:.1f} | {tot:.1f} | {b} | {ms:.0f} | {eps:.2f} | {gflop} | {rate} | "
+              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {comp:.0f} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,81 @@
+"""Training stages on the tiny config with synthetic data: losses fall, freezing holds."""
+
+from __future__ import annotations
+
+import pathlib
+
+import jax
+import numpy as np
+import pytest
+
+from moee_jax.train.trainer import Trainer
+from tests.train_helpers import _leaves, _train_and_measure, stage_config
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+
+@pytest.mark.parametrize("stage", ["vae", "embedder"])
+def test_autoencoder_and_embedder_stages_reduce_their_loss(stage, synthetic_tfds, tmp_path):
+    data_dir, _ = synthetic_tfds
+    trainer = Trainer(stage_config(stage, data_dir, steps=25), tmp_path)
+    before, after, result = _train_and_measure(trainer, 25)
+    assert result.final_step == 25 and not result.interrupted
+    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert (tmp_path / stage / "final" / "params").exists()
+
+
+@pytest.fixture(scope="module")
+def two_stages(synthetic_tfds, tmp_path_factory):
+    """stage1 then stage2 (15 steps each) in one run directory, with fixed-batch losses."""
+    data_dir, _ = synthetic_tfds
+    run = tmp_path_factory.mktemp("run")
+    out = {}
+    for stage in ("stage1", "stage2"):
+        trainer = Trainer(stage_config(stage, data_dir, steps=15, learning_rate=2e-3), run)
+        init = trainer._init_state()
+        out[stage] = {"init": (_leaves(init.trainable), _leaves(init.frozen))}
+        del init
+        before, after, result = _train_and_measure(trainer, 15)
+        out[stage].update(before=before, after=after, result=result, trainer=trainer,
+                          final=(_leaves(trainer.state.trainable), _leaves(trainer.state.frozen)))  # fmt: skip
+    return out
+
+
+def test_stage1_and_stage2_reduce_the_denoising_loss(two_stages):
+    for stage in ("stage1", "stage2"):
+        before, after = two_stages[stage]["before"], two_stages[stage]["after"]
+        assert after["latent"] < before["latent"], (stage, before, after)
+        assert np.isfinite(after["spatial"])
+
+
+def test_stage2_freezes_the_backbone_bit_for_bit_and_trains_the_emotion_parts(two_stages):
+    s1_train, s1_frozen = two_stages["stage1"]["final"]
+    s1 = {**s1_train, **s1_frozen}
+    init_train, init_frozen = two_stages["stage2"]["init"]
+    end_train, end_frozen = two_stages["stage2"]["final"]
+    # stage 2 starts from stage 1's final parameters, part by part
+    for path, value in {**init_train, **init_frozen}.items():
+        if path in s1 and not path.startswith("conditioning/latents"):
+            np.testing.assert_array_equal(value, s1[path], err_msg=path)
+    assert all("/emotion/" in p or p.startswith(("conditioning/latents", "discriminator")) for p in end_train)
+    assert any("/emotion/" in p for p in end_train) and any(p.startswith("conditioning/latents") for p in end_train)
+    for path, value in end_frozen.items():  # frozen: bit-identical
+        np.testing.assert_array_equal(value, init_frozen[path], err_msg=path)
+    changed = [p for p in end_train if not np.array_equal(end_train[p], init_train[p])]
+    assert len(changed) > 0.5 * len(end_train)
+    # no optimizer state for frozen parameters: Adam's moments cover exactly the trainable leaves
+    trainer = two_stages["stage2"]["trainer"]
+    moments = [x for x in jax.tree_util.tree_leaves(trainer.state.opt_state) if np.ndim(x) > 0]
+    assert sum(int(np.size(x)) for x in moments) == 2 * sum(v.size for v in end_train.values())
+
+
+def test_stage1_freezes_the_vae_and_the_emotion_experts(two_stages):
+    init_train, init_frozen = two_stages["stage1"]["init"]
+    end_train, end_frozen = two_stages["stage1"]["final"]
+    assert any(p.startswith("vae/") for p in end_frozen) and any("/emotion/" in p for p in end_frozen)
+    assert not any(p.startswith("vae/") or "/emotion/" in p for p in end_train)
+    for path, value in end_frozen.items():
+        np.testing.assert_array_equal(value, init_frozen[path], err_msg=path)
+
+
