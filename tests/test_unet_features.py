@@ -151,3 +151,22 @@ def test_xla_attention_is_softmax_attention_and_respects_the_mask():
     weights /= weights.sum(-1, keepdims=True)
     expected = np.einsum("bhqk,bkhd->bqhd", weights, v)
     np.testing.assert_allclose(dot_product_attention(q, k, v, jnp.asarray(mask)), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("policy", ["full", "dots"])
+def test_rematerialised_unet_has_the_same_output_and_gradients(unet, params, inputs, policy):
+    remat = VideoUNet(unet.config.replace(remat=policy))
+
+    def loss(module, p):
+        return jnp.mean(jnp.square(module.apply({"params": p}, **inputs)))
+
+    want, want_grads = jax.jit(jax.value_and_grad(lambda p: loss(unet, p)))(params)
+    got, got_grads = jax.jit(jax.value_and_grad(lambda p: loss(remat, p)))(params)
+    assert rel_err(got, want) < 1e-6
+    for g, w in zip(jax.tree_util.tree_leaves(got_grads), jax.tree_util.tree_leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-7)
+
+
+def test_unknown_remat_policy_is_named(unet, params, inputs):
+    with pytest.raises(ValueError, match="remat='sometimes'"):
+        VideoUNet(unet.config.replace(remat="sometimes")).apply({"params": params}, **inputs)
