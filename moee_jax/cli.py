@@ -5,6 +5,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
   demo      run the backbone end to end on a synthetic portrait and write frames
   train     one training stage (vae | embedder | stage1 | stage2) on a TFDS dataset, sharded, resumable
   prepare   real videos (manifest CSV or MEAD tree) → face-cropped clips → talking_face_clips TFDS dataset
+  animate   portrait + speech + emotion → talking-head MP4 with the speech muxed in (or a manifest CSV of them)
 """
 
 from __future__ import annotations
@@ -144,7 +145,88 @@ def _train() -> None:
     return main
 
 
-COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare}
+def _animate() -> None:
+    checkpoint = flags.DEFINE_string("checkpoint", None, "Run directory of `moee train` holding a finished stage2.", required=True)
+    image = flags.DEFINE_string("image", None, "Portrait photo (PNG/JPEG/...; RGBA composited on white, grayscale accepted).")
+    audio = flags.DEFINE_string("audio", None, "Driving speech (WAV/FLAC/OGG/MP3, any rate and channel count).")
+    out = flags.DEFINE_string("out", None, "Output .mp4 (settings go to the same name with .json).")
+    emotion = flags.DEFINE_string("emotion", None, "Emotion label (happy) or compound palette (happy:0.6,surprised:0.4).")
+    emotion_text = flags.DEFINE_string("emotion_text", None, "Emotion as a description (models with a text source; needs --text_encoder).")
+    emotion_from_audio = flags.DEFINE_bool("emotion_from_audio", False, "Take the emotion from the speech itself (label dropped).")
+    emotion_video = flags.DEFINE_string("emotion_video", None, "Reference clip of the emotion (DICE-Talk embedder models).")
+    text_encoder = flags.DEFINE_string("text_encoder", None, "T5 encoder folder (transformers layout) for --emotion_text.")
+    steps = flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).")
+    sampler = flags.DEFINE_enum("sampler", None, ["ddim", "dpmpp_2m"], "Sampler (default: the config's).")
+    seed = flags.DEFINE_integer("seed", 0, "Noise seed.")
+    cfg_reference = flags.DEFINE_float("cfg_reference", None, "Guidance scale of the reference image (default: the config's).")
+    cfg_audio = flags.DEFINE_float("cfg_audio", None, "Guidance scale of the speech (default: the config's).")
+    cfg_emotion = flags.DEFINE_float("cfg_emotion", None, "Guidance scale of the emotion (default: the config's).")
+    frames_dir = flags.DEFINE_string("frames_dir", None, "Also write every frame as PNG into this new folder.")
+    no_detect = flags.DEFINE_bool("no_detect", False, "The image is already a face crop: skip face detection.")
+    paste_back = flags.DEFINE_bool("paste_back", False, "Paste the animated face back into the whole photo.")
+    batch = flags.DEFINE_string("batch", None, "Manifest CSV (image, audio, emotion, out); bad rows are skipped and reported.")
+    report = flags.DEFINE_string("report", None, "Batch report JSON (default: <manifest>.report.json).")
+
+    def main(argv):
+        del argv
+        from absl import logging as absl_logging
+        from tqdm import tqdm
+
+        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every restore step at INFO
+
+        from moee_jax.inference.animate import Animator, animate_batch, animate_to_file, check_outputs
+        from moee_jax.inference.inputs import InputError, parse_emotion
+
+        options = dict(
+            steps=steps.value, sampler=sampler.value, seed=seed.value, detect=not no_detect.value,
+            guidance={"reference": cfg_reference.value, "audio": cfg_audio.value, "emotion": cfg_emotion.value},
+        )  # fmt: skip
+        single = {"--image": image.value, "--audio": audio.value, "--out": out.value, "--emotion": emotion.value,
+                  "--emotion_text": emotion_text.value, "--emotion_video": emotion_video.value,
+                  "--emotion_from_audio": emotion_from_audio.value or None, "--frames_dir": frames_dir.value}  # fmt: skip
+        try:
+            if batch.value is not None:
+                clash = [name for name, value in single.items() if value is not None]
+                if clash:
+                    raise InputError(f"--batch takes every input from the manifest; drop {', '.join(clash)}")
+                animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value)
+                result = animate_batch(
+                    animator, batch.value, report=report.value, paste=paste_back.value,
+                    on_row=lambda line, entry: print(f"line {line}: " + (f"wrote {entry['out']}" if "out" in entry else f"skipped: {entry['error']}")),
+                    **options,
+                )  # fmt: skip
+                if result["failed"]:
+                    sys.exit(f"moee animate: {len(result['failed'])} of {result['rows']} manifest rows failed; see {result['report']}")
+                print(f"wrote {len(result['done'])} videos; report {result['report']}")
+                return
+            missing = [name for name in ("--image", "--audio", "--out") if single[name] is None]
+            if missing:
+                raise InputError(f"{', '.join(missing)} required (or --batch manifest.csv)")
+            spec = parse_emotion(emotion.value, emotion_text=emotion_text.value, emotion_from_audio=emotion_from_audio.value,
+                                 emotion_video=emotion_video.value)  # fmt: skip
+            check_outputs(out.value, frames_dir.value)
+            animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value)
+            with tqdm(unit="clip", desc="animate", file=sys.stderr) as bar:
+
+                def progress(done, total):
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                animation = animate_to_file(
+                    animator, image.value, audio.value, spec, out.value, frames_dir=frames_dir.value, paste=paste_back.value,
+                    progress=progress, **options,
+                )  # fmt: skip
+            for warning in animation.warnings:
+                print(f"moee animate: warning: {warning}", file=sys.stderr)
+        except InputError as e:
+            sys.exit(f"moee animate: {e}")
+        print(f"wrote {out.value}: {animation.plan.num_frames} frames ({animation.settings['audio_seconds']:.2f} s) "
+              f"in {animation.settings['seconds']:.1f} s")
+
+    return main
+
+
+COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "animate": _animate}
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -49,7 +49,7 @@ def test_sample_shapes_and_dtypes(source):
         "noisy": ((4,), np.bool_), "drop_reference": ((4,), np.bool_), "drop_audio": ((4,), np.bool_),
         "drop_emotion": ((4,), np.bool_), "action_units": ((4, 8, 11), np.float32),
         "has_action_units": ((4,), np.bool_), "clip_key": ((4,), np.int64), "start": ((4,), np.int32),
-        "reference_index": ((4,), np.int32),
+        "reference_index": ((4,), np.int32), "mel": ((4, 12, 32), np.float32),
     }  # fmt: skip
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
     assert (b["lip_mask"] <= b["face_mask"] + 1e-6).all() and b["face_mask"].max() > 0.5
