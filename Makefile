@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/moee demo --config configs/backbone.py:tiny --out outputs/demo
+	$(VENV)/bin/moee demo --config configs/demo.py:cpu --out outputs/demo
 
 # pytest exits 5 when no test was collected; that is not a failure of the code under test.
 test: $(VENV)/.installed

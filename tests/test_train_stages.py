@@ -43,9 +43,10 @@ def two_stages(synthetic_tfds, tmp_path_factory):
 
 
 def test_stage1_and_stage2_reduce_the_denoising_loss(two_stages):
-    for stage in ("stage1", "stage2"):
+    # Fixed batch, fixed noise and timesteps; measured 0.572 → 0.227 (stage 1) and 0.227 → 0.204 (stage 2).
+    for stage, factor in (("stage1", 0.7), ("stage2", 0.95)):
         before, after = two_stages[stage]["before"], two_stages[stage]["after"]
-        assert after["latent"] < before["latent"], (stage, before, after)
+        assert after["latent"] < factor * before["latent"], (stage, before, after)
         assert np.isfinite(after["spatial"])
 
 

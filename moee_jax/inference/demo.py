@@ -1,100 +1,170 @@
-"""The end-to-end backbone demo: reference image → VAE → ReferenceNet → guided video sampling →
-VAE decode → PNG frames and a contact sheet.
+"""``moee demo``: train MoEE on synthetic talking faces end to end, animate held-out people, score them.
 
-With no weights it runs on freshly initialised parameters (the frames are then noise-like, but
-every stage of the real pipeline runs); with ``--checkpoint`` it uses converted or trained ones.
+Steps (each resumable: a re-run reuses the dataset, finished stages and the cached reader):
+
+1. build the ``synthetic_talking_faces`` dataset of ``config.data`` under ``OUT/data`` (held-out
+   identities and the compound emotions only in ``test``);
+2. train ``vae → embedder → stage1 → stage2`` (``config.stages``) under ``OUT/run``;
+3. train the expression reader (:mod:`moee_jax.eval.reader`) on generator ground truth;
+4. for every held-out identity: animate its neutral test frame with its own held-out speech for
+   each basic emotion and neutral (label), for the compounds of ``config.animate.compounds``
+   (palettes, never seen in training), and speech-only (``emotion_from_audio``) with the audio of
+   its emotional test clips;
+5. score every clip (emotion accuracy, AU error, compound components, lip sync, identity drift) and
+   write ``OUT/videos/*.mp4``, ``OUT/contact_sheet.png`` (rows = emotions, columns = frames),
+   ``OUT/metrics.json`` and ``OUT/metrics.md``.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import pathlib
 import time
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
 from PIL import Image
 
-from moee_jax.checkpoint.orbax import load_metadata, restore_params
-from moee_jax.diffusion import SamplerConfig, make_plan, make_schedule
-from moee_jax.inference.sampling import ClipConditions, make_clip_sampler
-from moee_jax.models.build import build_backbone, init_backbone_params
-from moee_jax.models.vae import decode_latents, encode_to_latents
+from moee_jax.data import schema, synthetic
+from moee_jax.emotions import EMOTIONS
+
+log = logging.getLogger("moee_jax.demo")
 
 
-def synthetic_portrait(height: int, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """A simple drawn face (skin ellipse, eyes, mouth) in [-1, 1], (H, W, 3), and its face mask (H, W)."""
-    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
-    cy, cx = height / 2, width / 2
-    img = np.ones((height, width, 3), np.float32) * np.array([0.2, 0.3, 0.5], np.float32)
-    face = ((x - cx) / (0.35 * width)) ** 2 + ((y - cy) / (0.45 * height)) ** 2 < 1
-    img[face] = (0.9, 0.7, 0.55)
-    for ex in (cx - 0.13 * width, cx + 0.13 * width):
-        img[((x - ex) ** 2 + (y - (cy - 0.1 * height)) ** 2) < (0.04 * width) ** 2] = (0.1, 0.1, 0.1)
-    mouth = (np.abs(x - cx) < 0.12 * width) & (np.abs(y - (cy + 0.2 * height)) < 0.03 * height)
-    img[mouth] = (0.6, 0.1, 0.1)
-    return img * 2 - 1, face.astype(np.float32)
+def _build_data(config: ConfigDict, data_dir: pathlib.Path) -> str:
+    from moee_jax.data.builders.synthetic_talking_faces import SyntheticConfig, build
+
+    d = config.data.to_dict()
+    build(SyntheticConfig(name=d.pop("name"), **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}), str(data_dir))
+    return f"synthetic_talking_faces/{config.data.name}"
 
 
-def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, checkpoint: str | None = None) -> dict:
-    """Generate one clip; writes ``frames/*.png``, ``contact_sheet.png`` and ``summary.json``."""
-    out = pathlib.Path(out_dir)
-    (out / "frames").mkdir(parents=True, exist_ok=True)
-    backbone = build_backbone(config)
-    if checkpoint is not None:
-        load_metadata(checkpoint)
-        params = restore_params(checkpoint)
-    else:
-        params = init_backbone_params(backbone, config.seed)
+def _test_clips(data_dir: pathlib.Path, name: str) -> dict[str, dict[str, dict]]:
+    """``speaker → emotion → record`` of the held-out test split."""
+    from moee_jax.data.pipeline import open_source
 
-    h, w = config.video.image_size
-    f, m = config.video.num_frames, config.video.motion_frames
-    rng = jax.random.key(config.seed + 1)
-    r_ctx, r_audio, r_noise = jax.random.split(rng, 3)
-    portrait, face_mask = synthetic_portrait(h, w)
-    image = jnp.asarray(portrait)[None]
-    face_mask = jnp.broadcast_to(jnp.asarray(face_mask)[None, None, :, :, None], (1, f, h, w, 1))
-    face_features = jax.jit(backbone.face_locator.apply)({"params": params["face_locator"]}, face_mask)
-    encode = jax.jit(lambda p, x: encode_to_latents(backbone.vae, p, x))
-    ref_latents = encode(params["vae"], image)
-    ucfg = backbone.unet.config
-    cond = ClipConditions(
-        ref_latents=ref_latents,
-        context=jax.random.normal(r_ctx, (1, config.model.context_tokens, ucfg.cross_attention_dim)),
-        audio=None if ucfg.audio_dim is None else jax.random.normal(r_audio, (1, f, 4, ucfg.audio_dim)),
-        motion_frames=jnp.repeat(ref_latents[:, None], m, axis=1) if m else None,
-        face_locator=face_features,
-    )
-    schedule = make_schedule(**config.diffusion.to_dict())
-    plan = make_plan(SamplerConfig(**config.sampler.to_dict()), schedule)
-    scales = {k: float(v) for k, v in config.guidance.items() if k in cond.present()}
-    x_T = jax.random.normal(r_noise, (1, f) + ref_latents.shape[1:])
+    source = open_source(data_dir, name, "test")
+    out: dict[str, dict[str, dict]] = {}
+    for i in range(len(source)):
+        r = source[i]
+        out.setdefault(r["speaker"].decode(), {})[r["emotion"].decode()] = r
+    return out
 
+
+def _resize(frame: np.ndarray, size: int) -> np.ndarray:
+    return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BOX))
+
+
+def run_demo(config: ConfigDict, out_dir: str | pathlib.Path) -> dict:
+    """Run the whole demo; returns the metrics written to ``OUT/metrics.json``."""
+    from moee_jax.eval import metrics as M
+    from moee_jax.eval.reader import load_reader, save_reader, train_reader
+    from moee_jax.inference.animate import Animator, save_animation
+    from moee_jax.inference.inputs import Speech, parse_emotion
+    from moee_jax.train.trainer import Trainer
+
+    out = pathlib.Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    latents = make_clip_sampler(backbone.unet, backbone.refnet)(
-        params["unet"], params["reference_net"], cond, plan, scales, x_T
-    )
-    frames = jax.jit(lambda p, z: decode_latents(backbone.vae, p, z))(params["vae"], latents)
-    frames = np.asarray(jax.device_get(frames))[0]
-    seconds = time.perf_counter() - t0
+    name = _build_data(config, out / "data")
+    timings["data_s"] = time.perf_counter() - t0
 
-    pixels = np.clip((frames + 1) * 127.5, 0, 255).astype(np.uint8)
-    for i, frame in enumerate(pixels):
-        Image.fromarray(frame).save(out / "frames" / f"{i:04d}.png")
-    reference = np.clip((np.asarray(image[0]) + 1) * 127.5, 0, 255).astype(np.uint8)
-    Image.fromarray(np.concatenate([reference, *pixels], axis=1)).save(out / "contact_sheet.png")
-    summary = {
-        "config": config.variant,
-        "checkpoint": checkpoint,
-        "frames": int(f),
-        "motion_frames": int(m),
-        "image_size": [int(h), int(w)],
-        "sampler": config.sampler.to_dict(),
-        "guidance": scales,
-        "seconds_sampling_and_decoding_incl_compile": round(seconds, 2),
-        "finite": bool(np.isfinite(frames).all()),
-    }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    losses: dict[str, dict] = {}
+    for stage in ("vae", "embedder", "stage1", "stage2"):
+        t = time.perf_counter()
+        c = ConfigDict(config.stages[stage].to_dict())
+        c.data.data_dir = str(out / "data")
+        c.data.name = name
+        result = Trainer(c, out / "run").run()
+        jsonl = out / "run" / stage / "metrics.jsonl"
+        logged = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+        if logged:
+            losses[stage] = {"first_logged": logged[0]["loss"], "last_logged": logged[-1]["loss"], "steps": result.final_step}
+        timings[f"{stage}_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    size = int(config.stages.stage2.video.image_size[0])
+    reader_path = out / "reader"
+    if (reader_path / "reader.msgpack").exists() or reader_path.exists() and any(reader_path.iterdir()):
+        reader = load_reader(reader_path)
+    else:
+        reader = train_reader(size, steps=int(config.reader.steps))
+        save_reader(reader, reader_path)
+    timings["reader_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    animator = Animator.from_run(out / "run")
+    tests = _test_clips(out / "data", name)
+    a = config.animate
+    guidance = dict(a.guidance)
+    fps = float(config.stages.stage2.video.fps)
+    probs, targets, au_results, compound_results, sync_results, identity_results = [], [], [], [], [], []
+    speech_probs, speech_targets = [], []
+    sheet_rows: list[tuple[str, np.ndarray]] = []
+    videos = out / "videos"
+    videos.mkdir(exist_ok=True)
+
+    def render(speaker, tag, spec, record):
+        path = videos / f"{speaker}_{tag}.mp4"
+        for p in (path, path.with_suffix(".json")):
+            p.unlink(missing_ok=True)
+        portrait = _resize(schema.decode_frames(tests[speaker]["neutral"]["frames"], [0])[0], size)
+        speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{speaker}/{record['id'].decode()}"))
+        anim = animator.animate(portrait, speech, spec, steps=int(a.steps), sampler=str(a.sampler), guidance=guidance,
+                                seed=int(config.seed), detect=False)  # fmt: skip
+        save_animation(anim, path)
+        return anim.frames, reader.predict(anim.frames), np.asarray(record["audio"], np.float32)
+
+    for speaker, clips in sorted(tests.items()):
+        identity = np.asarray(clips["neutral"]["identity"], np.float32)
+        for emotion in schema.CLASSES:
+            frames, pred, audio = render(speaker, emotion, parse_emotion(emotion), clips["neutral"])
+            probs.append(pred["probs"])
+            targets.append(emotion)
+            static = synthetic.resolve_emotion(emotion, 1.0)[2]
+            au_results.append(M.au_error(pred["aus"], static))
+            sync_results.append(M.lip_sync(pred["mouth"], audio, fps))
+            identity_results.append(M.identity_error(pred["identity"], identity))
+            if speaker == sorted(tests)[0]:
+                sheet_rows.append((emotion, frames))
+        for compound, spec in a.compounds.items():
+            frames, pred, audio = render(speaker, compound, parse_emotion(spec), clips["neutral"])
+            compound_results.append(M.compound_components(pred["aus"], compound, probs=pred["probs"]))
+            sync_results.append(M.lip_sync(pred["mouth"], audio, fps))
+            if speaker == sorted(tests)[0]:
+                sheet_rows.append((compound, frames))
+        for emotion in a.speech_only_emotions:
+            frames, pred, _ = render(speaker, f"speech_{emotion}", parse_emotion(emotion_from_audio=True), clips[emotion])
+            speech_probs.append(pred["probs"])
+            speech_targets.append(emotion)
+    timings["animate_and_score_s"] = time.perf_counter() - t
+
+    summary = M.summarize(
+        emotion=M.emotion_accuracy(probs, targets), action_units=au_results, compounds=compound_results,
+        lip_sync=sync_results, identity=identity_results,
+    )  # fmt: skip
+    summary["speech_only"] = {k: v for k, v in M.emotion_accuracy(speech_probs, speech_targets).items() if k != "predictions"}
+    summary["training"] = losses
+    summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 1)}
+    summary["reader"] = reader.info
+    summary["held_out_identities"] = sorted(tests)
+    (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+    (out / "metrics.md").write_text(M.to_markdown(summary))
+    _contact_sheet(sheet_rows, out / "contact_sheet.png")
     return summary
+
+
+def _contact_sheet(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, columns: int = 8) -> None:
+    """Rows = emotions, columns = ``columns`` frames evenly spaced over each clip."""
+    if not rows:
+        return
+    tiles = []
+    for _, frames in rows:
+        idx = np.linspace(0, len(frames) - 1, columns).round().astype(int)
+        tiles.append(np.concatenate([frames[i] for i in idx], axis=1))
+    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
+
+
+__all__ = ["run_demo", "EMOTIONS"]
