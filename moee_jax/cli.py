@@ -66,6 +66,60 @@ def _demo() -> None:
     return main
 
 
+def _prepare() -> None:
+    input_ = flags.DEFINE_string(
+        "input", None, "Manifest .csv, or a folder of videos (with --manifest, --mead, or its own manifest.csv).", required=True
+    )
+    manifest = flags.DEFINE_string(
+        "manifest", None, "Manifest CSV (path, speaker, emotion[, intensity, text, split]) for the --input folder."
+    )
+    mead = flags.DEFINE_bool("mead", False, "--input is a MEAD tree (<speaker>/video/front/<emotion>/level_<n>/<NNN>.mp4).")
+    out = flags.DEFINE_string("out", None, "Prepared-clips folder (re-running resumes; report.json lists every video).", required=True)
+    data_dir = flags.DEFINE_string("data_dir", None, "TFDS data dir to build talking_face_clips (ArrayRecord) into; unset: only prepare.")
+    size = flags.DEFINE_integer("size", 512, "Side of the square face crops, in pixels.")
+    landmark_model = flags.DEFINE_string(
+        "landmark_model", None, "MediaPipe face_landmarker.task for videos without a <stem>.landmarks.npz sidecar."
+    )
+    workers = flags.DEFINE_integer("workers", 1, "Videos prepared in parallel (processes).")
+    min_frames = flags.DEFINE_integer("min_frames", 25, "Shortest clip kept, in frames at 25 fps.")
+    margin = flags.DEFINE_float("margin", 1.6, "Crop side as a multiple of the face-oval box.")
+    smooth_window = flags.DEFINE_integer(
+        "smooth_window", 0, "0: one crop box per clip; n: a box following the face, averaged over n frames."
+    )
+    max_missing_face = flags.DEFINE_float("max_missing_face", 0.2, "Largest fraction of frames without a face that is interpolated over.")
+
+    def main(argv):
+        del argv
+        from moee_jax.data.landmarks import LandmarkSetupError
+        from moee_jax.data.manifest import ManifestError, load_inputs
+        from moee_jax.data.prepare import PrepareSetupError, prepare_videos
+
+        try:
+            inputs = load_inputs(input_.value, manifest=manifest.value, mead=mead.value)
+            report = prepare_videos(
+                inputs, out.value, size=size.value, landmark_model=landmark_model.value, min_frames=min_frames.value,
+                workers=workers.value, margin=margin.value, smooth_window=smooth_window.value,
+                max_missing_face=max_missing_face.value,
+            )  # fmt: skip
+        except (ManifestError, LandmarkSetupError, PrepareSetupError, ValueError) as e:
+            sys.exit(f"moee prepare: {e}")
+        print(report.summary())
+        if data_dir.value is None:
+            return
+        if not report.done and not report.cached:
+            sys.exit(f"moee prepare: no clip could be prepared, nothing to build; see {out.value}/report.json")
+        from moee_jax.data.builders.talking_face_clips import build
+
+        try:
+            builder = build(out.value, data_dir.value)
+        except (FileNotFoundError, ValueError) as e:
+            sys.exit(f"moee prepare: {e}")
+        splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
+        print(f"built {builder.info.full_name} ({splits} clips) in {builder.data_dir}")
+
+    return main
+
+
 def _train() -> None:
     config = _config_flag("configs/stage1.py:tiny")
     run_dir = flags.DEFINE_string("run_dir", None, "Run directory (local path or gs://); every stage writes RUN/<stage>/.", required=True)
