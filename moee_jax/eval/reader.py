@@ -12,10 +12,13 @@ Heads, per frame:
 ``probs``     ``(7,)`` softmax over :data:`~moee_jax.data.schema.CLASSES` (six emotions, then neutral).
               Trained on basic-emotion and neutral frames only; compound frames train the other
               heads, and compounds are scored from the AUs.
-``mouth``     scalar sigmoid regression of the clip's ``mouth_opening``: the speech-driven jaw opening
-              alone. ``AU26`` is that opening added on top of the emotion's own jaw drop
-              (``AU26 = base + (1 − base) · mouth``), so it mixes expression with speech; the speech
-              part is what follows the audio, and it is comparable across emotions.
+``mouth``     the jaw opening as drawn, i.e. the ``AU26`` output (weighted up in training). The
+              generator draws ``AU26 = base + (1 − base) · mouth_opening``: the speech-driven
+              opening on top of the expression's own jaw drop (fear 0.5, surprise 0.7 at full
+              intensity). Within a clip of one expression that is an affine function of the speech
+              opening, so its correlation with the audio is the speech part's; reading the speech
+              part alone would also need the expression's ``base`` from the same frame, and that
+              estimate's noise costs lip-sync correlation where the base is large (fear, surprise).
 ``identity``  ``(24,)`` regression of :func:`~moee_jax.data.schema.identity_vector` (trained on
               standardised targets). Its last entry, the speaking pitch ``f0``, is not visible in a
               frame; the reader predicts about its training mean there.
@@ -44,6 +47,7 @@ from moee_jax.emotions import NEUTRAL
 INPUT_SIZE = 32  # the network's input resolution; frames of other sizes are resized to it
 NUM_CLASSES = len(schema.CLASSES)
 IDENTITY_DIM = len(schema.identity_vector(dataclasses.asdict(synthetic.Identity.from_seed(0))))
+JAW = synthetic.ACTION_UNITS.index("AU26")  # the AU column read as the mouth opening
 TRAIN_IDENTITY_SEEDS = range(10_000, 20_000)  # disjoint from the small seeds used for test identities
 _FORMAT_VERSION = 1
 
@@ -60,8 +64,8 @@ class ReaderNet(nn.Module):
     A face branch on :data:`FACE_BOX` (a 3×3 stem, then three stages of a stride-2 and a 3×3
     convolution) and a mouth branch at full resolution on :data:`MOUTH_BOX` (the lips and chin
     move by about two pixels at 32², so the jaw opening is read before any downsampling) meet in a
-    dense layer; four linear heads give ``aus`` ``(N, 11)`` logits, ``logits`` ``(N, 7)``,
-    ``mouth`` ``(N,)`` logit and ``identity`` ``(N, 24)`` standardised values.
+    dense layer; three linear heads give ``aus`` ``(N, 11)`` logits, ``logits`` ``(N, 7)`` and
+    ``identity`` ``(N, 24)`` standardised values.
     """
 
     widths: Sequence[int] = (24, 48, 96)
@@ -84,7 +88,6 @@ class ReaderNet(nn.Module):
         return {
             "aus": nn.Dense(synthetic.NUM_AUS, name="aus")(z),
             "logits": nn.Dense(NUM_CLASSES, name="emotion")(z),
-            "mouth": nn.Dense(1, name="mouth")(z)[:, 0],
             "identity": nn.Dense(IDENTITY_DIM, name="identity")(z),
         }
 
@@ -134,10 +137,11 @@ class Reader:
 
         def forward(params, frames):
             out = net.apply({"params": params}, _prepare(frames, size))
+            aus = jax.nn.sigmoid(out["aus"])
             return {
-                "aus": jax.nn.sigmoid(out["aus"]),
+                "aus": aus,
                 "probs": jax.nn.softmax(out["logits"]),
-                "mouth": jax.nn.sigmoid(out["mouth"]),
+                "mouth": aus[:, JAW],
                 "identity": out["identity"],
             }
 
@@ -147,7 +151,8 @@ class Reader:
         """Read frames ``(N, S, S, 3)`` uint8 (or one frame ``(S, S, 3)``).
 
         Returns ``aus`` ``(N, 11)`` in ``[0, 1]``, ``probs`` ``(N, 7)`` over
-        :data:`~moee_jax.data.schema.CLASSES`, ``mouth`` ``(N,)`` in ``[0, 1]`` and ``identity``
+        :data:`~moee_jax.data.schema.CLASSES`, ``mouth`` ``(N,)`` the jaw opening in ``[0, 1]``
+        (``aus[:, AU26]``) and ``identity``
         ``(N, 24)`` in the units of :func:`~moee_jax.data.schema.identity_vector`.
         """
         frames = np.asarray(frames)
@@ -229,7 +234,8 @@ def reader_dataset(
     ``intensity_range`` and a speech seed; all its ``frames_per_clip`` frames are kept.
 
     Returns ``frames`` ``(N, S, S, 3)`` uint8, ``aus`` ``(N, 11)``, ``label`` ``(N,)`` int32 (index
-    into ``CLASSES``, −1 for a compound), ``mouth`` ``(N,)``, ``identity`` ``(N, 24)``, ``clip``
+    into ``CLASSES``, −1 for a compound), ``mouth`` ``(N,)`` the speech-driven opening
+    (``mouth_opening``; the drawn jaw is ``aus[:, JAW]``), ``identity`` ``(N, 24)``, ``clip``
     ``(N,)`` int32 clip index, ``intensity`` ``(N,)`` and ``head_pose`` ``(N, 6)``, with
     ``N = num_clips · frames_per_clip``.
     """
@@ -282,7 +288,6 @@ def recombined_dataset(
     mouths = np.asarray(motion["mouth"], np.float32)
     if poses.ndim != 2 or poses.shape[1] != 6 or len(poses) != len(mouths) or len(poses) == 0:
         raise ValueError(f"motion must hold head_pose (M, 6) and mouth (M,), got {poses.shape} and {mouths.shape}")
-    jaw = synthetic.ACTION_UNITS.index("AU26")
     rng = np.random.default_rng([seed, 0x2EC])
     out: dict[str, list] = {k: [] for k in _KEYS}
     n = frames_per_identity
@@ -292,8 +297,8 @@ def recombined_dataset(
         draws = [_draw_emotion(rng, classes, compound_fraction, intensity_range) for _ in range(n)]
         aus = np.stack([synthetic.resolve_emotion(e, s)[2] for e, _, s in draws])
         rows = rng.integers(len(poses), size=n)
-        base = aus[:, jaw].copy()
-        aus[:, jaw] = base + (1 - base) * mouths[rows]
+        base = aus[:, JAW].copy()
+        aus[:, JAW] = base + (1 - base) * mouths[rows]
         landmarks = synthetic.face_landmarks(ident, aus, poses[rows], (size, size))
         out["frames"].append(np.stack([synthetic.render_frame(landmarks[f], ident, aus[f], (size, size)) for f in range(n)]))
         out["aus"].append(aus.astype(np.float32))
@@ -311,7 +316,7 @@ def recombined_dataset(
 def _loss(params, net: ReaderNet, size: int, batch: dict, identity_weight: float, mouth_weight: float):
     out = net.apply({"params": params}, _prepare(batch["frames"], size))
     au = optax.sigmoid_binary_cross_entropy(out["aus"], batch["aus"]).mean()
-    mouth = optax.sigmoid_binary_cross_entropy(out["mouth"], batch["mouth"]).mean()
+    mouth = optax.sigmoid_binary_cross_entropy(out["aus"][:, JAW], batch["aus"][:, JAW]).mean()
     labelled = batch["label"] >= 0
     ce = optax.softmax_cross_entropy_with_integer_labels(out["logits"], jnp.maximum(batch["label"], 0))
     cls = jnp.sum(jnp.where(labelled, ce, 0.0)) / jnp.maximum(labelled.sum(), 1)
@@ -386,8 +391,8 @@ def fit_reader(
     ``steps`` Adam steps (warm-up, then cosine decay of ``learning_rate``) on batches of
     ``batch_size`` frames drawn without replacement per epoch. Loss: binary cross-entropy on the
     AUs, cross-entropy on the class (compound frames, label −1, left out), ``mouth_weight`` ×
-    binary cross-entropy on the mouth opening and ``identity_weight`` × squared error on the
-    standardised identity vector. ``architecture``: :class:`ReaderNet` fields to change.
+    binary cross-entropy on the jaw opening (AU26) once more, and ``identity_weight`` × squared
+    error on the standardised identity vector. ``architecture``: :class:`ReaderNet` fields to change.
     """
     frames = np.asarray(data["frames"])
     if frames.ndim != 4 or frames.shape[1] != frames.shape[2] or frames.shape[3] != 3 or frames.dtype != np.uint8:
@@ -402,7 +407,6 @@ def fit_reader(
         "frames": frames,
         "aus": np.asarray(data["aus"], np.float32),
         "label": np.asarray(data["label"], np.int32),
-        "mouth": np.asarray(data["mouth"], np.float32),
         "identity": ((data["identity"] - mean) / std).astype(np.float32),
     }
 
