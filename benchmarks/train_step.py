@@ -91,6 +91,7 @@ def main() -> None:
             mfu = metrics.mfu(flops, 1.0 / step_s, jax.device_count(), peak)
             rows.append((case, trainer.num_trainable / 1e6, (trainer.num_trainable + trainer.num_frozen) / 1e6,
                          c.train.batch_size, step_s * 1e3, c.train.batch_size / step_s, flops, mfu, compile_s))  # fmt: skip
+            print("# done:", _row(rows[-1]), flush=True)
             del trainer, state, batch
 
     device = jax.devices()[0]
@@ -98,11 +99,16 @@ def main() -> None:
           f"{os.cpu_count()} CPUs), {args.dtype}, remat={args.remat}")  # fmt: skip
     print("| case (variant:stage:size:frames) | trainable M | total M | batch | step ms | examples/s | GFLOP/step | GFLOP/s | MFU | compile s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
-    for case, tr, tot, b, ms, eps, flops, mfu, comp in rows:
-        gflop = "n/a" if flops is None else f"{flops / 1e9:.1f}"
-        rate = "n/a" if flops is None else f"{flops / 1e9 / (ms / 1e3):.1f}"
-        print(f"| {case} | {tr:.1f} | {tot:.1f} | {b} | {ms:.0f} | {eps:.2f} | {gflop} | {rate} | "
-              f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {comp:.0f} |")  # fmt: skip
+    for row in rows:
+        print(_row(row))
+
+
+def _row(row) -> str:
+    case, tr, tot, b, ms, eps, flops, mfu, comp = row
+    gflop = "n/a" if flops is None else f"{flops / 1e9:.1f}"
+    rate = "n/a" if flops is None else f"{flops / 1e9 / (ms / 1e3):.1f}"
+    return (f"| {case} | {tr:.1f} | {tot:.1f} | {b} | {ms:.0f} | {eps:.2f} | {gflop} | {rate} | "
+            f"{'n/a' if mfu is None else f'{100 * mfu:.1f}%'} | {comp:.0f} |")  # fmt: skip
 
 
 if __name__ == "__main__":
