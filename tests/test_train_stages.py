@@ -15,13 +15,13 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 
-@pytest.mark.parametrize("stage", ["vae", "embedder"])
-def test_autoencoder_and_embedder_stages_reduce_their_loss(stage, synthetic_tfds, tmp_path):
+@pytest.mark.parametrize("stage, factor", [("vae", 0.7), ("embedder", 0.9)])  # measured 0.56 and 0.79
+def test_autoencoder_and_embedder_stages_reduce_their_loss(stage, factor, synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
     trainer = Trainer(stage_config(stage, data_dir, steps=25), tmp_path)
     before, after, result = _train_and_measure(trainer, 25)
     assert result.final_step == 25 and not result.interrupted
-    assert after["loss"] < 0.8 * before["loss"], (before, after)
+    assert after["loss"] < factor * before["loss"], (before, after)
     assert (tmp_path / stage / "final" / "params").exists()
 
 
