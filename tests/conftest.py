@@ -37,3 +37,16 @@ def synthetic_tfds(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("tfds")
     build("tiny", str(data_dir))
     return str(data_dir), "synthetic_talking_faces/tiny"
+
+
+# Modules that take minutes on 2 CPU cores, longest first. Collecting them first lets
+# ``pytest -n 2 --dist loadfile`` start them early instead of leaving one worker with a long tail.
+_HEAVY_FIRST = ("test_train_stages.py", "test_animate.py", "test_train_runtime.py", "test_moee_model.py", "test_eval.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.path.name
+        return _HEAVY_FIRST.index(name) if name in _HEAVY_FIRST else len(_HEAVY_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside each module is kept

@@ -325,6 +325,7 @@ def long_video(animator, media, tmp_path_factory):
     return animation, out, calls
 
 
+@pytest.mark.slow  # minutes of CPU: run with `make test-slow`
 def test_30s_audio_gives_750_frames_and_an_mp4_with_the_speech(long_video, animator):
     animation, out, calls = long_video
     assert animation.frames.shape == (750, 32, 32, 3)
@@ -337,6 +338,7 @@ def test_30s_audio_gives_750_frames_and_an_mp4_with_the_speech(long_video, anima
     assert animator._clip_step._cache_size() == 1  # one compilation served all 188 clips
 
 
+@pytest.mark.slow  # minutes of CPU: run with `make test-slow`
 def test_no_seam_at_clip_boundaries(long_video, animator):
     animation, _, _ = long_video
     frames = animation.frames.astype(np.float32)
@@ -367,6 +369,7 @@ def _temporal_smoother(params, strength: float = 2.0):
     return dict(params, unet=traverse_util.unflatten_dict(flat))
 
 
+@pytest.mark.slow  # minutes of CPU: run with `make test-slow`
 def test_motion_frame_hand_over_is_what_links_consecutive_clips(animator, media):
     original = animator.params
     animator.params = _temporal_smoother(original)
@@ -540,6 +543,7 @@ def _moee(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # minutes of CPU: run with `make test-slow`
 def test_cli_animates_a_photo_with_a_compound_emotion_pasting_the_face_back(run_dir, media, tmp_path):
     out = tmp_path / "result" / "talk.mp4"
     proc = _moee(
