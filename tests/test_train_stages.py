@@ -8,8 +8,7 @@ import jax
 import numpy as np
 import pytest
 
-from moee_jax.train.trainer import Trainer
-from tests.train_helpers import _leaves, _train_and_measure, stage_config
+from tests.train_helpers import _leaves, _train_and_measure, single_device_trainer, stage_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -18,7 +17,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 @pytest.mark.parametrize("stage, factor", [("vae", 0.7), ("embedder", 0.9)])  # measured 0.56 and 0.79
 def test_autoencoder_and_embedder_stages_reduce_their_loss(stage, factor, synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
-    trainer = Trainer(stage_config(stage, data_dir, steps=25), tmp_path)
+    trainer = single_device_trainer(stage_config(stage, data_dir, steps=25), tmp_path)
     before, after, result = _train_and_measure(trainer, 25)
     assert result.final_step == 25 and not result.interrupted
     assert after["loss"] < factor * before["loss"], (before, after)
@@ -32,7 +31,7 @@ def two_stages(synthetic_tfds, tmp_path_factory):
     run = tmp_path_factory.mktemp("run")
     out = {}
     for stage in ("stage1", "stage2"):
-        trainer = Trainer(stage_config(stage, data_dir, steps=15, learning_rate=2e-3), run)
+        trainer = single_device_trainer(stage_config(stage, data_dir, steps=15, learning_rate=2e-3), run)
         init = trainer._init_state()
         out[stage] = {"init": (_leaves(init.trainable), _leaves(init.frozen))}
         del init

@@ -44,3 +44,18 @@ def _train_and_measure(trainer, steps):
     return before, after, result
 
 
+
+
+def single_device_trainer(config, run_dir):
+    """A :class:`Trainer` on the first device only (the tests' other 7 fake devices unused): the
+    stage tests check learning and freezing, the sharded tests check the mesh."""
+    import moee_jax.train.trainer as trainer_module
+    from moee_jax.parallel import mesh as mesh_lib
+
+    original = mesh_lib.make_mesh
+    trainer_module.make_mesh = lambda shape: original(shape, devices=jax.devices()[:1])
+    try:
+        config.mesh.shape = (1, 1, 1)
+        return trainer_module.Trainer(config, run_dir)
+    finally:
+        trainer_module.make_mesh = original
