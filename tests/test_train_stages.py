@@ -41,6 +41,7 @@ def two_stages(synthetic_tfds, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow  # about 5 min of CPU (stage 1 + stage 2): `make test-slow`
 def test_stage1_and_stage2_reduce_the_denoising_loss(two_stages):
     # Fixed batch, fixed noise and timesteps; measured 0.572 → 0.227 (stage 1) and 0.227 → 0.204 (stage 2).
     for stage, factor in (("stage1", 0.7), ("stage2", 0.95)):
@@ -49,6 +50,7 @@ def test_stage1_and_stage2_reduce_the_denoising_loss(two_stages):
         assert np.isfinite(after["spatial"])
 
 
+@pytest.mark.slow  # about 5 min of CPU (stage 1 + stage 2): `make test-slow`
 def test_stage2_freezes_the_backbone_bit_for_bit_and_trains_the_emotion_parts(two_stages):
     s1_train, s1_frozen = two_stages["stage1"]["final"]
     s1 = {**s1_train, **s1_frozen}
@@ -70,6 +72,7 @@ def test_stage2_freezes_the_backbone_bit_for_bit_and_trains_the_emotion_parts(tw
     assert sum(int(np.size(x)) for x in moments) == 2 * sum(v.size for v in end_train.values())
 
 
+@pytest.mark.slow  # about 5 min of CPU (stage 1 + stage 2): `make test-slow`
 def test_stage1_freezes_the_vae_and_the_emotion_experts(two_stages):
     init_train, init_frozen = two_stages["stage1"]["init"]
     end_train, end_frozen = two_stages["stage1"]["final"]
