@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from moee_jax.train.trainer import Trainer, TrainingError, to_global
-from tests.train_helpers import _leaves, stage_config
+from tests.train_helpers import _leaves, single_device_trainer, stage_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -168,7 +168,7 @@ def _sharded_vs_single(stage, data_dir, tmp_path):
     for name, shape, devices in (("mesh", (2, 2, 2), 8), ("single", (1, 1, 1), 1)):
         c = stage_config(stage, data_dir, steps=1)
         c.mesh.shape = shape
-        trainer = Trainer(c, tmp_path / name) if devices == 8 else _single_device_trainer(c, tmp_path / name)
+        trainer = Trainer(c, tmp_path / name) if devices == 8 else single_device_trainer(c, tmp_path / name)
         state = trainer._init_state()
         batch = to_global(trainer.example, trainer.batch_shardings)
 
@@ -188,16 +188,3 @@ def _sharded_vs_single(stage, data_dir, tmp_path):
     for path, value in single_grads.items():
         err = np.abs(mesh_grads[path] - value).max() / max(np.abs(value).max(), floor)
         assert err < 1e-5, (path, err)
-
-
-def _single_device_trainer(config, run_dir):
-    from moee_jax.parallel import mesh as mesh_lib
-
-    original = mesh_lib.make_mesh
-    try:
-        import moee_jax.train.trainer as trainer_module
-
-        trainer_module.make_mesh = lambda shape: original(shape, devices=jax.devices()[:1])
-        return Trainer(config, run_dir)
-    finally:
-        trainer_module.make_mesh = original

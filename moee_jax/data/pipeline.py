@@ -70,6 +70,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import pathlib
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -158,8 +159,8 @@ def clip_index(source, cache: str | pathlib.Path | None = None) -> ClipIndex:
         try:
             pathlib.Path(cache).write_text(json.dumps({
                 "num_records": len(source), "num_frames": n, "emotion_class": e, "frame_size": s}))
-        except OSError:
-            pass  # a read-only dataset directory: recompute next time
+        except OSError as e:  # e.g. a read-only dataset directory: the index is recomputed next time
+            logging.getLogger("moee_jax.data").info("clip index not cached at %s: %s", cache, e)
     return index
 
 
