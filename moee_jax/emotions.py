@@ -35,10 +35,7 @@ ALIASES: dict[str, str] = {
     "surprised": "surprise",
 }
 
-_KNOWN = (
-    f"known emotions: {', '.join(EMOTIONS)}, {NEUTRAL} "
-    f"(aliases: {', '.join(f'{a}={c}' for a, c in ALIASES.items())})"
-)
+_KNOWN = f"known emotions: {', '.join(EMOTIONS)}, {NEUTRAL} (aliases: {', '.join(f'{a}={c}' for a, c in ALIASES.items())})"
 
 
 def canonical_emotion(name: str) -> str:
@@ -77,10 +74,7 @@ def parse_palette(spec: str) -> np.ndarray:
         weights[name] = weight
     total = sum(weights.values())
     if total == 0:
-        raise _error(
-            f"all weights of palette {spec!r} are zero; give at least one positive weight, "
-            f"or use {NEUTRAL!r} for no emotion"
-        )
+        raise _error(f"all weights of palette {spec!r} are zero; give at least one positive weight, or use {NEUTRAL!r} for no emotion")
     out = np.zeros(NUM_EMOTIONS, np.float32)
     if weights.keys() == {NEUTRAL}:
         return out

@@ -255,8 +255,7 @@ def chunk_waveform(
     overlap = round(overlap_seconds * rate) * hop
     if chunk <= 0 or not 0 <= overlap < chunk:
         raise ValueError(
-            f"need 0 <= overlap < chunk after rounding to encoder positions; got chunk {chunk_seconds} s, "
-            f"overlap {overlap_seconds} s"
+            f"need 0 <= overlap < chunk after rounding to encoder positions; got chunk {chunk_seconds} s, overlap {overlap_seconds} s"
         )
     chunks, start = [], 0
     while True:
@@ -302,10 +301,7 @@ def stitch_chunks(
         available = min(f.shape[0], math.ceil(len(w) / hop))
         stop = splits[k + 1] - starts[k] if k + 1 < len(chunks) else available
         if stop > available:
-            raise ValueError(
-                f"chunk {k} gave {f.shape[0]} encoder positions but stitching needs {stop}; "
-                f"increase overlap_seconds"
-            )
+            raise ValueError(f"chunk {k} gave {f.shape[0]} encoder positions but stitching needs {stop}; increase overlap_seconds")
         parts.append(f[splits[k] - starts[k] : stop])
     return np.moveaxis(np.concatenate(parts, axis=0), 0, time_axis)
 

@@ -33,7 +33,12 @@ def audio_frame_windows(
     wave = audio if isinstance(audio, np.ndarray) else load_audio(audio, require_audible=require_audible)
     frames = num_video_frames(len(wave), SAMPLE_RATE, fps)
     hidden = encode_long(
-        encoder.hidden_states, wave, SAMPLE_RATE, time_axis=1, chunk_seconds=chunk_seconds,
-        overlap_seconds=overlap_seconds, rate=encoder.rate,
+        encoder.hidden_states,
+        wave,
+        SAMPLE_RATE,
+        time_axis=1,
+        chunk_seconds=chunk_seconds,
+        overlap_seconds=overlap_seconds,
+        rate=encoder.rate,
     )
     return frame_windows(align_to_frames(hidden, frames, time_axis=1), radius)

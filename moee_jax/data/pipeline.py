@@ -157,8 +157,7 @@ def clip_index(source, cache: str | pathlib.Path | None = None) -> ClipIndex:
     index = ClipIndex(np.asarray(n, np.int64), np.asarray(e, np.int64), np.asarray(s, np.int64))
     if cache is not None:
         try:
-            pathlib.Path(cache).write_text(json.dumps({
-                "num_records": len(source), "num_frames": n, "emotion_class": e, "frame_size": s}))
+            pathlib.Path(cache).write_text(json.dumps({"num_records": len(source), "num_frames": n, "emotion_class": e, "frame_size": s}))
         except OSError as e:  # e.g. a read-only dataset directory: the index is recomputed next time
             logging.getLogger("moee_jax.data").info("clip index not cached at %s: %s", cache, e)
     return index
@@ -189,8 +188,14 @@ def _window_ok(n: int, cfg: PipelineConfig) -> bool:
 class MakeSample(grain.transforms.RandomMap):
     """Record key → training sample (the whole per-sample recipe of the module docstring)."""
 
-    def __init__(self, source, index: ClipIndex, cfg: PipelineConfig, key_range: tuple[int, int],
-                 tokenizer: Callable[[str], Sequence[int]] | None = None):
+    def __init__(
+        self,
+        source,
+        index: ClipIndex,
+        cfg: PipelineConfig,
+        key_range: tuple[int, int],
+        tokenizer: Callable[[str], Sequence[int]] | None = None,
+    ):
         self.source, self.cfg, self.tokenizer = source, cfg, tokenizer
         lo, hi = key_range
         keys = np.arange(lo, hi)

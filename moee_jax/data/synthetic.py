@@ -498,7 +498,7 @@ def render_frame(lm: np.ndarray, ident: Identity, aus: np.ndarray, size: tuple[i
     centre = contour.mean(0)
     # Hair: the upper contour pushed outwards from the face centre, behind the face.
     upper = [i for i in range(_N_CONTOUR) if i <= 7 or i >= 17]
-    order = upper[upper.index(17):] + upper[: upper.index(17)]
+    order = upper[upper.index(17) :] + upper[: upper.index(17)]
     hair = centre + 1.15 * (contour[order] - centre) - np.array([0, 0.04 * h])
     d.polygon([tuple(p) for p in hair.tolist()], fill=ident.hair)
     d.polygon([pts[i] for i in _FACE], fill=ident.skin)

@@ -38,19 +38,14 @@ def combine_nested(branch_outputs: jax.Array, scales: jax.Array | Sequence[float
     """
     scales = jnp.asarray(scales, dtype=branch_outputs.dtype)
     if scales.ndim != 1 or branch_outputs.shape[0] != scales.shape[0] + 1:
-        raise ValueError(
-            f"branch_outputs leading axis {branch_outputs.shape[0]} must be len(scales) + 1; "
-            f"scales shape {scales.shape}"
-        )
+        raise ValueError(f"branch_outputs leading axis {branch_outputs.shape[0]} must be len(scales) + 1; scales shape {scales.shape}")
     steps = branch_outputs[1:] - branch_outputs[:-1]
     # An explicit weighted sum rather than tensordot keeps full precision on accelerators' matmul units.
     weights = scales.reshape(scales.shape + (1,) * (steps.ndim - 1))
     return branch_outputs[0] + jnp.sum(weights * steps, axis=0)
 
 
-def guided_model_fn(
-    model_fn_batched: BatchedModelFn, scales: jax.Array | Sequence[float]
-) -> Callable[[jax.Array, jax.Array], jax.Array]:
+def guided_model_fn(model_fn_batched: BatchedModelFn, scales: jax.Array | Sequence[float]) -> Callable[[jax.Array, jax.Array], jax.Array]:
     """Wrap a branch-batched denoiser into the ``model_fn(x, t)`` that the samplers call.
 
     ``model_fn_batched(x_branches, t_branches, keep)`` gets ``x_branches`` ``((K+1)·B, ...)`` (``x``
@@ -67,9 +62,7 @@ def guided_model_fn(
     def model_fn(x: jax.Array, t: jax.Array) -> jax.Array:
         batch = x.shape[0]
         num_branches = num_conditions + 1
-        x_branches = jnp.broadcast_to(x, (num_branches, *x.shape)).reshape(
-            (num_branches * batch, *x.shape[1:])
-        )
+        x_branches = jnp.broadcast_to(x, (num_branches, *x.shape)).reshape((num_branches * batch, *x.shape[1:]))
         t_branches = jnp.tile(jnp.broadcast_to(t, (batch,)), num_branches)
         keep = jnp.asarray(np.repeat(keep_branches, batch, axis=0))
         out = model_fn_batched(x_branches, t_branches, keep)

@@ -38,9 +38,7 @@ ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 def _check_num_steps(num_steps: int, num_train_timesteps: int) -> None:
     if not 1 <= num_steps <= num_train_timesteps:
-        raise ValueError(
-            f"num_steps={num_steps}; allowed values: 1 ..= num_train_timesteps ({num_train_timesteps})"
-        )
+        raise ValueError(f"num_steps={num_steps}; allowed values: 1 ..= num_train_timesteps ({num_train_timesteps})")
 
 
 def _check_spacing(spacing: str) -> None:
@@ -54,9 +52,7 @@ def _trailing(num_train_timesteps: int, num_steps: int) -> np.ndarray:
     return np.round(np.arange(num_train_timesteps, 0, -ratio))[:num_steps].astype(np.int64) - 1
 
 
-def ddim_timesteps(
-    num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0
-) -> np.ndarray:
+def ddim_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
     """Descending int64 ``(num_steps,)`` timesteps of diffusers' ``DDIMScheduler.set_timesteps``.
 
     "leading": ``k · (T // N) + steps_offset``; "trailing": ``round(T - k · T/N) - 1``; "linspace":
@@ -72,9 +68,7 @@ def ddim_timesteps(
     return np.linspace(0, num_train_timesteps - 1, num_steps).round()[::-1].astype(np.int64)
 
 
-def dpmpp_timesteps(
-    num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0
-) -> np.ndarray:
+def dpmpp_timesteps(num_train_timesteps: int, num_steps: int, spacing: str, steps_offset: int = 0) -> np.ndarray:
     """Descending int64 ``(num_steps,)`` timesteps of ``DPMSolverMultistepScheduler.set_timesteps``.
 
     Unlike DDIM, "leading" and "linspace" lay out ``N + 1`` points and drop the last (t = 0):
@@ -154,9 +148,7 @@ def ddim_plan(
     T = schedule.num_train_timesteps
     ts = ddim_timesteps(T, num_steps, spacing, steps_offset)
     if ts.max() >= T:
-        raise ValueError(
-            f"steps_offset={steps_offset} pushes timestep {ts.max()} past num_train_timesteps={T}"
-        )
+        raise ValueError(f"steps_offset={steps_offset} pushes timestep {ts.max()} past num_train_timesteps={T}")
     ac = np.asarray(schedule.alphas_cumprod, dtype=np.float64)
     final = 1.0 if set_alpha_to_one else ac[0]
     prev = ts - T // num_steps
@@ -254,9 +246,7 @@ class DPMSolverPlan:
         return self.timesteps.shape[0]
 
 
-def dpmpp_2m_plan(
-    schedule: NoiseSchedule, num_steps: int, spacing: str, *, steps_offset: int = 0
-) -> DPMSolverPlan:
+def dpmpp_2m_plan(schedule: NoiseSchedule, num_steps: int, spacing: str, *, steps_offset: int = 0) -> DPMSolverPlan:
     """Plan DPM-Solver++(2M) (Lu et al. 2022, Alg. 2) as diffusers' ``DPMSolverMultistepScheduler``.
 
     Matches diffusers with ``algorithm_type="dpmsolver++"``, ``solver_order=2``, ``solver_type="midpoint"``,
@@ -268,9 +258,7 @@ def dpmpp_2m_plan(
     T = schedule.num_train_timesteps
     ts = dpmpp_timesteps(T, num_steps, spacing, steps_offset)
     if ts.max() >= T:
-        raise ValueError(
-            f"steps_offset={steps_offset} pushes timestep {ts.max()} past num_train_timesteps={T}"
-        )
+        raise ValueError(f"steps_offset={steps_offset} pushes timestep {ts.max()} past num_train_timesteps={T}")
     ac = np.asarray(schedule.alphas_cumprod, dtype=np.float32)
     if schedule.rescale_zero_terminal_snr:
         ac = ac.copy()
@@ -312,14 +300,8 @@ def dpmpp_2m_step(
 
     ``prev_x0`` is the x̂_0 returned by step ``i - 1``; on step 0 it is ignored (pass zeros).
     """
-    x0, _ = x0_and_eps_from_output(
-        model_output, x, _coef(plan.alpha, i, x), _coef(plan.sigma, i, x), plan.prediction_type
-    )
-    x_next = (
-        _coef(plan.sample_coef, i, x) * x
-        + _coef(plan.x0_coef, i, x) * x0
-        + _coef(plan.correction_coef, i, x) * (x0 - prev_x0)
-    )
+    x0, _ = x0_and_eps_from_output(model_output, x, _coef(plan.alpha, i, x), _coef(plan.sigma, i, x), plan.prediction_type)
+    x_next = _coef(plan.sample_coef, i, x) * x + _coef(plan.x0_coef, i, x) * x0 + _coef(plan.correction_coef, i, x) * (x0 - prev_x0)
     return x_next.astype(x.dtype), x0
 
 
@@ -374,9 +356,7 @@ def make_plan(config: SamplerConfig, schedule: NoiseSchedule) -> DDIMPlan | DPMS
     raise ValueError(f"sampler name={config.name!r}; allowed values: {SAMPLERS}")
 
 
-def run_sampler(
-    plan: DDIMPlan | DPMSolverPlan, model_fn: ModelFn, x_T: jax.Array, rng: jax.Array | None = None
-) -> jax.Array:
+def run_sampler(plan: DDIMPlan | DPMSolverPlan, model_fn: ModelFn, x_T: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """Run ``plan`` from ``x_T`` ``(B, ...)`` to x_0 (same shape). Jittable with ``model_fn`` static.
 
     ``rng`` is only used (and then required) by DDIM with η > 0.

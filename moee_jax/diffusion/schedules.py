@@ -60,9 +60,7 @@ def _cosine_betas(num_train_timesteps: int, max_beta: float = 0.999) -> np.ndarr
         return np.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
 
     steps = np.arange(num_train_timesteps, dtype=np.float64)
-    return np.minimum(
-        1.0 - alpha_bar((steps + 1) / num_train_timesteps) / alpha_bar(steps / num_train_timesteps), max_beta
-    )
+    return np.minimum(1.0 - alpha_bar((steps + 1) / num_train_timesteps) / alpha_bar(steps / num_train_timesteps), max_beta)
 
 
 def rescale_betas_zero_terminal_snr(betas: np.ndarray) -> np.ndarray:
@@ -200,9 +198,7 @@ def sample_timesteps(rng: jax.Array, batch: int, num_train_timesteps: int) -> ja
     return jax.random.randint(rng, (batch,), 0, num_train_timesteps, dtype=jnp.int32)
 
 
-def offset_noise(
-    rng: jax.Array, shape: tuple[int, ...], strength: float, dtype: jnp.dtype = jnp.float32
-) -> jax.Array:
+def offset_noise(rng: jax.Array, shape: tuple[int, ...], strength: float, dtype: jnp.dtype = jnp.float32) -> jax.Array:
     """Training noise with a "noise offset" (Guttenberg 2023, "Diffusion with Offset Noise").
 
     Returns ε + strength · δ for ε ~ N(0, I) of ``shape`` and δ ~ N(0, I) of shape ``(B, 1, ..., 1, C)``:
@@ -223,9 +219,7 @@ def snr(schedule: NoiseSchedule, t: jax.Array) -> jax.Array:
     return ab / (1.0 - ab)
 
 
-def min_snr_weight(
-    schedule: NoiseSchedule, t: jax.Array, gamma: float, prediction_type: str | None = None
-) -> jax.Array:
+def min_snr_weight(schedule: NoiseSchedule, t: jax.Array, gamma: float, prediction_type: str | None = None) -> jax.Array:
     """Min-SNR-γ loss weights (Hang et al. 2023, eq. 10 and §3.4): float32 ``(B,)``.
 
     The weight min(SNR, γ) on the x_0-space loss, rewritten for the loss on each prediction type:

@@ -117,7 +117,5 @@ class EmotionBank(nn.Module):
         emotion = dot_product_attention(q, split(k), split(v)).reshape(b, d)  # (B, H·d_h)
 
         tokens = dense(self.num_tokens * self.out_features, ("heads", "embed"), name="proj_tokens", dtype=self.dtype)(emotion)
-        tokens = nn.with_logical_constraint(
-            tokens.reshape(b, self.num_tokens, self.out_features), ("batch", "length", "act_embed")
-        )
+        tokens = nn.with_logical_constraint(tokens.reshape(b, self.num_tokens, self.out_features), ("batch", "length", "act_embed"))
         return BankOutput(tokens=tokens, emotion=emotion, index=index, quantized=s_star, vq_loss=loss)

@@ -169,8 +169,7 @@ class EmotionToLatents(nn.Module):
         given = {"text": text, "audio": audio, "label": label}
         if all(v is None for v in given.values()):
             raise ValueError(
-                "EmotionToLatents needs at least one of text, audio, label; for the unconditional "
-                "tokens use EmotionToLatents.null(batch)"
+                "EmotionToLatents needs at least one of text, audio, label; for the unconditional tokens use EmotionToLatents.null(batch)"
             )
         widths = {"text": self.text_dim, "audio": self.audio_dim, "label": NUM_EMOTIONS if self.use_label else None}
         ranks = {"text": 3, "audio": 3, "label": 2}

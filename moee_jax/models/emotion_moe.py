@@ -109,9 +109,9 @@ class EmotionMoE(nn.Module):
         if self.variant == "single":
             if cond.palette is not None:
                 raise ValueError("the 'single' EmotionMoE variant has no experts to mix; it cannot take a palette")
-            e = Attention(
-                self.heads, head_dim, zero_init_out=True, implementation=self.implementation, dtype=self.dtype, name="attn"
-            )(h, cond.tokens)
+            e = Attention(self.heads, head_dim, zero_init_out=True, implementation=self.implementation, dtype=self.dtype, name="attn")(
+                h, cond.tokens
+            )
             return nn.with_logical_constraint(x + e, ("batch", "length", "act_embed"))
 
         s = self._local_gates(h)  # (N, L, E)

@@ -265,9 +265,7 @@ def build_moee_from_config(config) -> MoEE:
     )
 
 
-def build_moee(
-    unet: UNetConfig, emotion: EmotionConfig, audio: AudioConfig | None = AudioConfig(), dtype=jnp.float32
-) -> MoEE:
+def build_moee(unet: UNetConfig, emotion: EmotionConfig, audio: AudioConfig | None = AudioConfig(), dtype=jnp.float32) -> MoEE:
     """The modules of MoEE: ``unet`` gets the Emotion MoE in its emotion slot."""
     slot = functools.partial(EmotionMoE, heads=emotion.moe_heads, variant=emotion.moe_variant, implementation=unet.attention_implementation)
     unet = unet.replace(emotion_slot=slot, emotion_dim=emotion.token_dim)
@@ -275,5 +273,7 @@ def build_moee(
         unet=VideoUNet(unet, dtype=dtype),
         refnet=VideoUNet(reference_config(unet), dtype=dtype),
         conditioning=Conditioning(emotion, audio, unet.audio_dim if audio is not None else None, dtype=dtype),
-        discriminator=EmotionDiscriminator(emotion.num_classes, emotion.discriminator_hidden, dtype=dtype) if emotion.discriminator else None,
+        discriminator=EmotionDiscriminator(emotion.num_classes, emotion.discriminator_hidden, dtype=dtype)
+        if emotion.discriminator
+        else None,
     )

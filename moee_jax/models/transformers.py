@@ -198,9 +198,7 @@ class TemporalTransformerBlock(nn.Module):
         pe = jnp.asarray(sinusoidal_positions(self.max_frames, self.dim)[: x.shape[1]], self.dtype)
         for i in (1, 2):
             h = layer_norm(name=f"norm{i}", dtype=self.dtype)(x) + pe
-            x = x + Attention(
-                self.heads, self.dim // self.heads, implementation=self.implementation, dtype=self.dtype, name=f"attn{i}"
-            )(h)
+            x = x + Attention(self.heads, self.dim // self.heads, implementation=self.implementation, dtype=self.dtype, name=f"attn{i}")(h)
         return x + FeedForward(self.dim, dtype=self.dtype, name="ff")(layer_norm(name="norm3", dtype=self.dtype)(x))
 
 

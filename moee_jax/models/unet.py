@@ -244,9 +244,9 @@ class VideoUNet(nn.Module):
         skips = [x]
         levels = len(cfg.block_out_channels)
         for i, ch in enumerate(cfg.block_out_channels):
-            x, s = DownLevel(
-                cfg, ch, i, cfg.down_attention[i], frames, self.dtype, last=i == levels - 1, name=f"down_blocks_{i}"
-            )(x, temb, self._level_cond(cond, f"down_blocks_{i}", x))
+            x, s = DownLevel(cfg, ch, i, cfg.down_attention[i], frames, self.dtype, last=i == levels - 1, name=f"down_blocks_{i}")(
+                x, temb, self._level_cond(cond, f"down_blocks_{i}", x)
+            )
             skips += s
         x = MidLevel(cfg, cfg.block_out_channels[-1], levels - 1, True, frames, self.dtype, name="mid_block")(
             x, temb, self._level_cond(cond, "mid_block", x)
@@ -258,9 +258,9 @@ class VideoUNet(nn.Module):
             level = levels - 1 - i
             n = cfg.layers_per_block + 1
             skips, level_skips = skips[:-n], skips[-n:]
-            x = UpLevel(
-                cfg, ch, level, cfg.down_attention[level], frames, self.dtype, last=i == levels - 1, name=f"up_blocks_{i}"
-            )(x, level_skips, temb, self._level_cond(cond, f"up_blocks_{i}", x))
+            x = UpLevel(cfg, ch, level, cfg.down_attention[level], frames, self.dtype, last=i == levels - 1, name=f"up_blocks_{i}")(
+                x, level_skips, temb, self._level_cond(cond, f"up_blocks_{i}", x)
+            )
 
         x = nn.silu(group_norm(cfg.norm_num_groups, cfg.norm_eps, name="conv_norm_out", dtype=self.dtype)(x))
         x = conv(cfg.out_channels, 3, name="conv_out", dtype=self.dtype)(x)
@@ -300,9 +300,7 @@ class VideoUNet(nn.Module):
                 f"{len(cfg.block_out_channels) - 1} times); image sides must be multiples of {8 * factor} pixels"
             )
         if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.cross_attention_dim:
-            raise ValueError(
-                f"context must be (B={b}, L, {cfg.cross_attention_dim}) tokens, got shape {context.shape}"
-            )
+            raise ValueError(f"context must be (B={b}, L, {cfg.cross_attention_dim}) tokens, got shape {context.shape}")
         if emotion is not None:
             if cfg.emotion_slot is None:
                 raise ValueError("emotion tokens were given but this U-Net has no emotion slot (emotion_slot=None)")

@@ -135,9 +135,7 @@ class Encoder(nn.Module):
         x = conv(self.block_out_channels[0], 3, name="conv_in", dtype=self.dtype)(x)
         last = len(self.block_out_channels) - 1
         for i, ch in enumerate(self.block_out_channels):
-            x = DownEncoderBlock(
-                ch, self.layers_per_block, self.groups, i < last, self.dtype, name=f"down_blocks_{i}"
-            )(x)
+            x = DownEncoderBlock(ch, self.layers_per_block, self.groups, i < last, self.dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(
             self.block_out_channels[-1],
             self.groups,
@@ -175,9 +173,7 @@ class Decoder(nn.Module):
         last = len(self.block_out_channels) - 1
         for i, ch in enumerate(reversed(self.block_out_channels)):
             # The decoder's up blocks hold one resnet more than the encoder's down blocks.
-            x = UpDecoderBlock(
-                ch, self.layers_per_block + 1, self.groups, i < last, self.dtype, name=f"up_blocks_{i}"
-            )(x)
+            x = UpDecoderBlock(ch, self.layers_per_block + 1, self.groups, i < last, self.dtype, name=f"up_blocks_{i}")(x)
         x = nn.silu(group_norm(self.groups, _EPS, name="conv_norm_out", dtype=self.dtype)(x))
         return conv(self.out_channels, 3, name="conv_out", dtype=self.dtype)(x)
 

@@ -186,9 +186,7 @@ def _flash(bq: int, bk: int, has_mask: bool):
                 p = jnp.exp(s - m_safe[..., None])
                 alpha = jnp.exp(m - m_safe)  # rescales what was accumulated under the old max
                 l = alpha * l + p.sum(-1)
-                acc = alpha[..., None] * acc + jnp.einsum(
-                    "bhqk,bhkd->bhqd", p.astype(v.dtype), vj, preferred_element_type=f32
-                )
+                acc = alpha[..., None] * acc + jnp.einsum("bhqk,bhkd->bhqd", p.astype(v.dtype), vj, preferred_element_type=f32)
                 return (acc, m_new, l), None
 
             shape = qi.shape[:3]
@@ -258,12 +256,8 @@ def _pallas_tpu_attention(q, k, v, mask, scale):
 
     bias = None
     if mask is not None:
-        bias = jnp.broadcast_to(
-            jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min), (q.shape[0], q.shape[2], q.shape[1], k.shape[1])
-        )
-    out = flash_attention(
-        q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), ab=bias, sm_scale=scale
-    )
+        bias = jnp.broadcast_to(jnp.where(mask, 0.0, jnp.finfo(jnp.float32).min), (q.shape[0], q.shape[2], q.shape[1], k.shape[1]))
+    out = flash_attention(q.transpose(0, 2, 1, 3), k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), ab=bias, sm_scale=scale)
     return out.transpose(0, 2, 1, 3)
 
 
@@ -330,6 +324,7 @@ class Attention(nn.Module):
         # Row-parallel output: constrain to act_embed (tensor-replicated). Leaving the sharding to
         # propagation lets XLA's SPMD dot handler mis-order the batch for a ('data','fsdp') batch
         # with a P('tensor','fsdp') kernel (see parallel/rules.py).
-        return nn.with_logical_constraint(dense(
-            self.out_features or c, ("heads", "embed"), zero_init=self.zero_init_out, name="to_out_0", dtype=self.dtype
-        )(out), ("batch", "length", "act_embed"))
+        return nn.with_logical_constraint(
+            dense(self.out_features or c, ("heads", "embed"), zero_init=self.zero_init_out, name="to_out_0", dtype=self.dtype)(out),
+            ("batch", "length", "act_embed"),
+        )

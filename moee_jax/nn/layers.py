@@ -86,6 +86,7 @@ def conv(
         name=name,
     )
 
+
 def conv1d(
     features: int,
     kernel_size: int,

@@ -25,10 +25,7 @@ def resolve_mesh_shape(shape: Sequence[int], num_devices: int) -> tuple[int, ...
         raise ValueError(f"mesh shape {shape} does not divide the {num_devices} available devices")
     shape = tuple(num_devices // known if s == -1 else s for s in shape)
     if math.prod(shape) != num_devices:
-        raise ValueError(
-            f"mesh shape {shape} uses {math.prod(shape)} devices but {num_devices} are available; "
-            "use -1 on one axis to fill"
-        )
+        raise ValueError(f"mesh shape {shape} uses {math.prod(shape)} devices but {num_devices} are available; use -1 on one axis to fill")
     return shape
 
 
@@ -41,9 +38,7 @@ def make_mesh(
     devices = list(devices) if devices is not None else jax.devices()
     shape = resolve_mesh_shape(shape, len(devices))
     if devices == jax.devices():
-        return jax.make_mesh(
-            shape, tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(shape)
-        )
+        return jax.make_mesh(shape, tuple(axis_names), axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
     return jax.sharding.Mesh(
         np.asarray(devices).reshape(shape),
         tuple(axis_names),

@@ -33,7 +33,9 @@ def make_optimizer(train) -> optax.GradientTransformation:
     if float(train.grad_clip) > 0:
         parts.append(optax.clip_by_global_norm(float(train.grad_clip)))
     parts.append(
-        optax.adamw(lr_schedule(train), b1=float(train.b1), b2=float(train.b2), eps=float(train.eps), weight_decay=float(train.weight_decay))
+        optax.adamw(
+            lr_schedule(train), b1=float(train.b1), b2=float(train.b2), eps=float(train.eps), weight_decay=float(train.weight_decay)
+        )
     )
     return optax.chain(*parts)
 

@@ -34,9 +34,7 @@ def convert_backbone(
     def fresh(part):
         return lambda: init_part(backbone, part, part_rng(config.seed, part))
 
-    denoiser = convert_unet(
-        unet, backbone.unet, motion_adapter=motion_adapter, init_params=fresh("unet"), allow_pickle=allow_pickle
-    )
+    denoiser = convert_unet(unet, backbone.unet, motion_adapter=motion_adapter, init_params=fresh("unet"), allow_pickle=allow_pickle)
     reference = convert_unet(unet, backbone.refnet, init_params=fresh("reference_net"), allow_pickle=allow_pickle)
     params = {"unet": denoiser.params, "reference_net": reference.params, "face_locator": fresh("face_locator")()}
     initialised = {
@@ -53,7 +51,11 @@ def convert_backbone(
     metadata = {
         "kind": "backbone_params",
         "config": config.to_dict(),
-        "sources": {"unet": str(unet), "vae": None if vae is None else str(vae), "motion_adapter": None if motion_adapter is None else str(motion_adapter)},
+        "sources": {
+            "unet": str(unet),
+            "vae": None if vae is None else str(vae),
+            "motion_adapter": None if motion_adapter is None else str(motion_adapter),
+        },
         "initialised": initialised,
     }
     save_params(out, params, metadata)

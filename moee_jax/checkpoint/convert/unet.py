@@ -94,9 +94,7 @@ def convert_unet(
     flat_target = traverse_util.flatten_dict(target)
     converted: dict = {}
     for source, state in sources:
-        params, _ = convert_state_dict(
-            state, target, source=source, rename=animatediff_key, derived=_is_position_table
-        )
+        params, _ = convert_state_dict(state, target, source=source, rename=animatediff_key, derived=_is_position_table)
         for path, value in traverse_util.flatten_dict(params).items():
             if path in converted:
                 raise ConversionError(f"{source}: parameter {'/'.join(path)} is also given by an earlier file")
@@ -108,9 +106,7 @@ def convert_unet(
     initialised = require_complete(missing, source=source_names, optional_modules=optional)
     if initialised:
         if init_params is None:
-            raise ConversionError(
-                f"{source_names}: {len(initialised)} parameters are not in the source and no initial values were given"
-            )
+            raise ConversionError(f"{source_names}: {len(initialised)} parameters are not in the source and no initial values were given")
         flat_init = traverse_util.flatten_dict(init_params() if callable(init_params) else init_params)
         for p in initialised:
             converted[p] = np.asarray(flat_init[p])

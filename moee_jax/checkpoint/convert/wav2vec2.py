@@ -50,8 +50,6 @@ _WEIGHT_NORM = re.compile(r"^(?P<prefix>.*\.)(?:parametrizations\.weight\.origin
 _WEIGHT_NORM_DIM = 2
 
 
-
-
 def fold_weight_norm(state_dict: StateDict, *, source: str) -> StateDict:
     """Replace every weight-norm (g, v) pair by the effective ``<prefix>weight = g · v / ‖v‖``."""
     out: StateDict = {}

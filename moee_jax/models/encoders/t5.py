@@ -28,6 +28,7 @@ from moee_jax.nn.layers import dense, partitioned
 
 # transformers' ``ACT2FN`` names reachable through ``feed_forward_proj`` ("relu", "gated-gelu", ...).
 
+
 @dataclasses.dataclass(frozen=True)
 class T5EncoderConfig:
     """The encoder fields of transformers' ``T5Config`` (defaults are transformers' = t5-small).
@@ -147,18 +148,14 @@ class T5Attention(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(
-        self, x: jax.Array, mask: jax.Array | None, position_bias: jax.Array | None
-    ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, mask: jax.Array | None, position_bias: jax.Array | None) -> tuple[jax.Array, jax.Array]:
         cfg = self.config
         b, length, _ = x.shape
         inner = cfg.num_heads * cfg.d_kv
 
         def proj(name: str) -> jax.Array:
             t = dense(inner, ("embed", "heads"), use_bias=False, name=name, dtype=self.dtype)(x)
-            return nn.with_logical_constraint(
-                t.reshape(b, length, cfg.num_heads, cfg.d_kv), ("batch", "length", "act_heads", None)
-            )
+            return nn.with_logical_constraint(t.reshape(b, length, cfg.num_heads, cfg.d_kv), ("batch", "length", "act_heads", None))
 
         q, k, v = proj("q"), proj("k"), proj("v")
         if self.has_relative_attention_bias:
@@ -198,9 +195,9 @@ class T5LayerSelfAttention(nn.Module):
     @nn.compact
     def __call__(self, x, mask, position_bias):
         h = T5LayerNorm(self.config.layer_norm_epsilon, self.dtype, name="layer_norm")(x)
-        h, position_bias = T5Attention(
-            self.config, self.has_relative_attention_bias, self.dtype, name="SelfAttention"
-        )(h, mask, position_bias)
+        h, position_bias = T5Attention(self.config, self.has_relative_attention_bias, self.dtype, name="SelfAttention")(
+            h, mask, position_bias
+        )
         return x + h, position_bias
 
 
@@ -244,9 +241,9 @@ class T5Block(nn.Module):
 
     @nn.compact
     def __call__(self, x, mask, position_bias):
-        x, position_bias = T5LayerSelfAttention(
-            self.config, self.has_relative_attention_bias, self.dtype, name="layer_0"
-        )(x, mask, position_bias)
+        x, position_bias = T5LayerSelfAttention(self.config, self.has_relative_attention_bias, self.dtype, name="layer_0")(
+            x, mask, position_bias
+        )
         x = T5LayerFF(self.config, self.dtype, name="layer_1")(x)
         return nn.with_logical_constraint(x, ("batch", "length", "act_embed")), position_bias
 
@@ -286,9 +283,7 @@ class T5Encoder(nn.Module):
         if input_ids.ndim != 2:
             raise ValueError(f"T5 encoder input_ids must be (batch, length), got shape {input_ids.shape}")
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"T5 encoder attention_mask shape {attention_mask.shape} differs from input_ids shape {input_ids.shape}"
-            )
+            raise ValueError(f"T5 encoder attention_mask shape {attention_mask.shape} differs from input_ids shape {input_ids.shape}")
         x = nn.Embed(
             cfg.vocab_size,
             cfg.d_model,

@@ -83,8 +83,7 @@ class Wav2Vec2Config:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}")
         if self.hidden_size % self.num_conv_pos_embedding_groups:
             raise ValueError(
-                f"hidden_size {self.hidden_size} is not divisible by num_conv_pos_embedding_groups "
-                f"{self.num_conv_pos_embedding_groups}"
+                f"hidden_size {self.hidden_size} is not divisible by num_conv_pos_embedding_groups {self.num_conv_pos_embedding_groups}"
             )
 
     @classmethod
@@ -97,9 +96,7 @@ class Wav2Vec2Config:
         """
         d = dict(hf_config) if isinstance(hf_config, Mapping) else hf_config.to_dict()
         if d.get("add_adapter") or d.get("adapter_attn_dim") is not None:
-            raise ValueError(
-                "wav2vec2 config with add_adapter / adapter_attn_dim set: adapters are not supported by the Flax port"
-            )
+            raise ValueError("wav2vec2 config with add_adapter / adapter_attn_dim set: adapters are not supported by the Flax port")
         kwargs = {}
         for f in dataclasses.fields(cls):
             if f.name in d and d[f.name] is not None:
@@ -131,8 +128,6 @@ def frame_mask(config: Wav2Vec2Config, sample_mask: jax.Array, length: int) -> j
     """
     lengths = num_frames(config, jnp.sum(sample_mask.astype(jnp.int32), axis=-1))
     return jnp.arange(length)[None, :] < lengths[:, None]
-
-
 
 
 class Wav2Vec2ConvLayer(nn.Module):

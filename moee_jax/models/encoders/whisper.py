@@ -53,8 +53,7 @@ class WhisperEncoderConfig:
     def __post_init__(self):
         if self.d_model % self.encoder_attention_heads:
             raise ValueError(
-                f"WhisperEncoderConfig: d_model {self.d_model} is not divisible by "
-                f"encoder_attention_heads {self.encoder_attention_heads}"
+                f"WhisperEncoderConfig: d_model {self.d_model} is not divisible by encoder_attention_heads {self.encoder_attention_heads}"
             )
         if self.activation_function not in ACTIVATIONS:
             raise ValueError(
@@ -121,9 +120,7 @@ class WhisperAttention(nn.Module):
         head_dim = self.d_model // self.heads
 
         def heads(t: jax.Array) -> jax.Array:
-            return nn.with_logical_constraint(
-                t.reshape(b, length, self.heads, head_dim), ("batch", "length", "act_heads", None)
-            )
+            return nn.with_logical_constraint(t.reshape(b, length, self.heads, head_dim), ("batch", "length", "act_heads", None))
 
         q = dense(self.d_model, ("embed", "heads"), name="q_proj", dtype=self.dtype)(x)
         k = dense(self.d_model, ("embed", "heads"), use_bias=False, name="k_proj", dtype=self.dtype)(x)
@@ -146,16 +143,12 @@ class WhisperEncoderLayer(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         cfg = self.config
         h = layer_norm(1e-5, name="self_attn_layer_norm", dtype=self.dtype)(x)
-        x = x + WhisperAttention(
-            cfg.d_model, cfg.encoder_attention_heads, self.implementation, self.dtype, name="self_attn"
-        )(h)
+        x = x + WhisperAttention(cfg.d_model, cfg.encoder_attention_heads, self.implementation, self.dtype, name="self_attn")(h)
         h = layer_norm(1e-5, name="final_layer_norm", dtype=self.dtype)(x)
         h = dense(cfg.encoder_ffn_dim, ("embed", "mlp"), name="fc1", dtype=self.dtype)(h)
         h = ACTIVATIONS[cfg.activation_function](h)
         h = dense(cfg.d_model, ("mlp", "embed"), name="fc2", dtype=self.dtype)(h)
         return nn.with_logical_constraint(x + h, ("batch", "length", "act_embed"))
-
-
 
 
 class WhisperEncoder(nn.Module):
@@ -179,7 +172,9 @@ class WhisperEncoder(nn.Module):
     def __call__(self, input_features: jax.Array) -> WhisperEncoderOutput:
         cfg = self.config
         self._check_input(input_features.shape)
-        x = nn.gelu(conv1d(cfg.d_model, 3, padding=(1, 1), name="conv1", dtype=self.dtype)(input_features.astype(self.dtype)), approximate=False)
+        x = nn.gelu(
+            conv1d(cfg.d_model, 3, padding=(1, 1), name="conv1", dtype=self.dtype)(input_features.astype(self.dtype)), approximate=False
+        )
         x = nn.gelu(conv1d(cfg.d_model, 3, strides=CONV_STRIDE, padding=(1, 1), name="conv2", dtype=self.dtype)(x), approximate=False)
         positions = nn.Embed(
             cfg.max_source_positions,
@@ -212,8 +207,7 @@ class WhisperEncoder(nn.Module):
             )
         if mels != cfg.num_mel_bins:
             raise ValueError(
-                f"Whisper encoder input has {mels} mel bins (last axis of {shape}); the model expects "
-                f"num_mel_bins={cfg.num_mel_bins}"
+                f"Whisper encoder input has {mels} mel bins (last axis of {shape}); the model expects num_mel_bins={cfg.num_mel_bins}"
             )
         raise ValueError(
             f"Whisper encoder expects exactly {cfg.num_frames} mel frames (2 × max_source_positions "
