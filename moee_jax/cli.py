@@ -6,6 +6,8 @@ library function. ``moee <subcommand> --help`` lists its flags.
   train     one training stage (vae | embedder | stage1 | stage2) on a TFDS dataset, sharded, resumable
   prepare   real videos (manifest CSV or MEAD tree) → face-cropped clips → talking_face_clips TFDS dataset
   animate   portrait + speech + emotion → talking-head MP4 with the speech muxed in (or a manifest CSV of them)
+  eval      score a run on held-out synthetic identities (emotion, AUs, compounds, lip sync, identity)
+  ablate    train and score MoEE's stage-2 ablations from a run's stage 1; prints the paper-form table
 """
 
 from __future__ import annotations
@@ -139,8 +141,10 @@ def _train() -> None:
             sys.exit(f"moee train: {e}")
         state = "interrupted (SIGTERM), checkpoint saved" if result.interrupted else "done"
         if info.process_id == 0:
-            print(f"{result.stage}: {state} at step {result.final_step}; {result.skipped_steps} non-finite step(s) skipped; "
-                  f"run directory {result.run_dir}")
+            print(
+                f"{result.stage}: {state} at step {result.final_step}; {result.skipped_steps} non-finite step(s) skipped; "
+                f"run directory {result.run_dir}"
+            )
 
     return main
 
@@ -220,13 +224,111 @@ def _animate() -> None:
                 print(f"moee animate: warning: {warning}", file=sys.stderr)
         except InputError as e:
             sys.exit(f"moee animate: {e}")
-        print(f"wrote {out.value}: {animation.plan.num_frames} frames ({animation.settings['audio_seconds']:.2f} s) "
-              f"in {animation.settings['seconds']:.1f} s")
+        print(
+            f"wrote {out.value}: {animation.plan.num_frames} frames ({animation.settings['audio_seconds']:.2f} s) "
+            f"in {animation.settings['seconds']:.1f} s"
+        )
 
     return main
 
 
-COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "animate": _animate}
+def _eval_settings_flags():
+    return {
+        "steps": flags.DEFINE_integer("steps", 8, "Sampler steps per clip."),
+        "sampler": flags.DEFINE_string("sampler", "ddim", "Sampler (ddim | dpmpp_2m)."),
+        "seed": flags.DEFINE_integer("seed", 0, "Sampling seed."),
+        "reader": flags.DEFINE_string(
+            "reader",
+            None,
+            "Expression-reader file (moee_jax.eval.reader); trained and saved there if absent (default: RUN/reader.msgpack).",
+        ),  # fmt: skip
+        "reader_steps": flags.DEFINE_integer("reader_steps", 1400, "Training steps of a new reader."),
+    }
+
+
+def _settings(f):
+    from moee_jax.eval.evaluate import EvalSettings
+
+    return EvalSettings(steps=f["steps"].value, sampler=f["sampler"].value, seed=f["seed"].value)
+
+
+def _run_dir_arg(argv, flag, command: str) -> str:
+    run_dir = flag.value or (argv[1] if len(argv) > 1 else None)
+    if not run_dir:
+        sys.exit(f"moee {command}: give the run directory: moee {command} RUN")
+    return run_dir
+
+
+def _reader(f, run_dir: str):
+    import pathlib
+
+    from moee_jax.eval.evaluate import cached_reader
+    from moee_jax.inference.inputs import load_run_config, resolve_checkpoint
+
+    size = int(load_run_config(resolve_checkpoint(run_dir)).video.image_size[0])
+    return cached_reader(f["reader"].value or pathlib.Path(run_dir) / "reader.msgpack", size, f["reader_steps"].value)
+
+
+def _eval() -> None:
+    run_flag = flags.DEFINE_string("run_dir", None, "Run directory with a finished stage2 (or give it as the argument).")
+    data_dir = flags.DEFINE_string("data_dir", None, "TFDS data dir of the synthetic dataset (default: the run's stage-2 config).")
+    dataset = flags.DEFINE_string("dataset", None, "TFDS name/config, e.g. synthetic_talking_faces/demo_cpu (default: the run's).")
+    out = flags.DEFINE_string("out", None, "Write metrics.json, metrics.md, videos/ and contact_sheet.png here (default: RUN/eval).")
+    f = _eval_settings_flags()
+
+    def main(argv):
+        import json
+        import pathlib
+
+        from moee_jax.eval import metrics as M
+        from moee_jax.eval.evaluate import evaluate_run
+        from moee_jax.inference.inputs import InputError
+
+        run_dir = _run_dir_arg(argv, run_flag, "eval")
+        out_dir = pathlib.Path(out.value or pathlib.Path(run_dir) / "eval")
+        try:
+            reader = _reader(f, run_dir)
+            summary = evaluate_run(run_dir, reader, data_dir=data_dir.value, dataset=dataset.value, settings=_settings(f),
+                                   videos_dir=out_dir / "videos", sheet_path=None)  # fmt: skip
+        except (InputError, FileNotFoundError, ValueError) as e:
+            sys.exit(f"moee eval: {e}")
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
+        (out_dir / "metrics.md").write_text(M.to_markdown(summary))
+        print(M.to_markdown(summary))
+        print(f"wrote {out_dir}/metrics.json")
+
+    return main
+
+
+def _ablate() -> None:
+    run_flag = flags.DEFINE_string("run_dir", None, "Run directory with finished stage1 and stage2 (or give it as the argument).")
+    out = flags.DEFINE_string("out", None, "Variant runs, ablation.json and ablation.md go here (default: RUN/ablate).")
+    variants = flags.DEFINE_list("variants", ["full", "no_moe", "no_global", "no_masked_noisy"], "Ablations to run.")
+    steps = flags.DEFINE_integer("train_steps", None, "Stage-2 steps per variant (default: the run's stage-2 steps).")
+    f = _eval_settings_flags()
+
+    def main(argv):
+        import pathlib
+
+        from moee_jax.eval.ablation import run_ablations
+        from moee_jax.inference.inputs import InputError
+        from moee_jax.train.trainer import TrainingError
+
+        run_dir = _run_dir_arg(argv, run_flag, "ablate")
+        try:
+            reader = _reader(f, run_dir)
+            result = run_ablations(run_dir, out.value or pathlib.Path(run_dir) / "ablate", reader, variants=variants.value,
+                                   steps=steps.value, settings=_settings(f))  # fmt: skip
+        except (InputError, TrainingError, FileNotFoundError, ValueError) as e:
+            sys.exit(f"moee ablate: {e}")
+        print(result["table"])
+
+    return main
+
+
+COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "animate": _animate, "eval": _eval,
+            "ablate": _ablate}  # fmt: skip
 
 
 def run(argv: list[str] | None = None) -> None:
@@ -238,7 +340,15 @@ def run(argv: list[str] | None = None) -> None:
     # absl logs at INFO; jax's backend probe would report every platform it did not find (TPU, GPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     main = COMMANDS[command]()
-    app.run(main, argv=[f"moee {command}"] + argv[2:])
+    app.run(main, argv=[f"moee {command}"] + [_underscored(a) for a in argv[2:]])
+
+
+def _underscored(arg: str) -> str:
+    """``--emotion-text=x`` → ``--emotion_text=x``: flags may be spelt with hyphens or underscores."""
+    if not arg.startswith("--") or arg == "--":
+        return arg
+    name, sep, value = arg[2:].partition("=")
+    return "--" + name.replace("-", "_") + sep + value
 
 
 if __name__ == "__main__":

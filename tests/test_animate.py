@@ -38,8 +38,8 @@ from moee_jax.inference.animate import (
 from moee_jax.inference.inputs import InputError, parse_emotion
 from moee_jax.inference.long_audio import clip_audio_features, plan_clips, roll_clips
 from moee_jax.models.reference import reference_features
-from moee_jax.train.trainer import Trainer
-from tests.train_helpers import stage_config
+from moee_jax.train.stages import mel_windows
+from tests.train_helpers import export_initialised_stage, stage_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 2
@@ -48,28 +48,10 @@ STEPS = 2
 # ---- fixtures --------------------------------------------------------------------------------------------
 
 
-def _wake(tree, seed: int, scale: float = 0.05):
-    """Every all-zero leaf of ``tree`` → small random values (deterministic per leaf position)."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    key = jax.random.key(seed)
-    out = [
-        leaf + scale * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype) if leaf.size and not np.any(leaf) else leaf
-        for i, leaf in enumerate(leaves)
-    ]
-    return jax.tree_util.tree_unflatten(treedef, out)
-
-
 @pytest.fixture(scope="module")
 def run_dir(synthetic_tfds, tmp_path_factory):
     """``RUN/stage2/{final, config.json}`` of the tiny stage-2 config, as `moee train` leaves it."""
-    config = stage_config("stage2", synthetic_tfds[0])
-    run = tmp_path_factory.mktemp("run")
-    trainer = Trainer(config, run)
-    state = trainer._init_state()
-    state = state.replace(trainable=_wake(state.trainable, 1), frozen=_wake(state.frozen, 2))
-    trainer.export_final(state)
-    (run / "stage2" / "config.json").write_text(config.to_json_best_effort(indent=2))
-    return run
+    return export_initialised_stage(stage_config("stage2", synthetic_tfds[0]), tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture(scope="module")
@@ -451,6 +433,23 @@ def test_compound_palette_reaches_every_emotion_moe_as_the_global_gate(animator,
     assert cond.emotion.palette is None
 
 
+def test_dropped_audio_branch_is_what_training_saw_when_audio_was_dropped(animator, media):
+    """Training drops audio by zeroing the windows before the projection (stages.model_inputs); the
+    unconditional audio branch of guidance must use the same tokens, not zeros."""
+    job = animator.prepare(media["dir"] / "face.png", media["dir"] / "short.wav", parse_emotion("happy"), steps=STEPS, detect=False)
+    mel = jnp.asarray(job.mel[:1])
+    cond = animator.clip_conditions(
+        animator.params, job.emotion_inputs, mel, job.ref_latents, job.face_features, animator.first_motion(job)
+    )
+    windows = mel_windows(mel, animator.clip_frames, animator.context_frames)
+    trained_null = animator.model.conditioning.apply(
+        {"params": animator.params["conditioning"]}, {"audio_windows": windows * 0.0, **job.emotion_inputs}, train=False
+    ).audio
+    np.testing.assert_allclose(np.asarray(cond.null_audio), np.asarray(trained_null), rtol=1e-6, atol=1e-7)
+    assert cond.null_audio.shape == cond.audio.shape
+    assert float(jnp.abs(cond.null_audio).max()) > 0  # the projection's biases: zero tokens would differ
+
+
 def test_emotion_from_audio_drops_the_label_and_keeps_the_speech(animator, media):
     face, audio = media["dir"] / "face.png", media["dir"] / "speech.wav"
     job = animator.prepare(face, audio, parse_emotion(emotion_from_audio=True), steps=STEPS, detect=False)
@@ -543,13 +542,21 @@ def _moee(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+def test_flags_may_be_spelt_with_hyphens_or_underscores():
+    from moee_jax.cli import _underscored
+
+    assert _underscored("--emotion-from-audio") == "--emotion_from_audio"
+    assert _underscored("--emotion-text=a calm-ish voice") == "--emotion_text=a calm-ish voice"  # the value is kept
+    assert [_underscored(a) for a in ("-v", "--", "happy:0.6,surprised:0.4")] == ["-v", "--", "happy:0.6,surprised:0.4"]
+
+
 @pytest.mark.slow  # minutes of CPU: run with `make test-slow`
 def test_cli_animates_a_photo_with_a_compound_emotion_pasting_the_face_back(run_dir, media, tmp_path):
     out = tmp_path / "result" / "talk.mp4"
     proc = _moee(
         "--checkpoint", str(run_dir), "--image", str(media["dir"] / "photo.png"), "--audio", str(media["dir"] / "short.wav"),
         "--emotion", "happy:0.6,surprised:0.4", "--out", str(out), "--steps", str(STEPS), "--cfg_audio", "2.5",
-        "--paste_back", "--frames_dir", str(tmp_path / "frames"),
+        "--paste-back", "--frames-dir", str(tmp_path / "frames"),  # the issue's spelling; underscores work too
     )  # fmt: skip
     assert proc.returncode == 0, proc.stderr[-3000:]
     frames, fps, audio = read_video(out)

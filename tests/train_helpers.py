@@ -44,8 +44,6 @@ def _train_and_measure(trainer, steps):
     return before, after, result
 
 
-
-
 def single_device_trainer(config, run_dir):
     """A :class:`Trainer` on the first device only (the tests' other 7 fake devices unused): the
     stage tests check learning and freezing, the sharded tests check the mesh."""
@@ -59,3 +57,29 @@ def single_device_trainer(config, run_dir):
         return trainer_module.Trainer(config, run_dir)
     finally:
         trainer_module.make_mesh = original
+
+
+def wake(tree, seed: int, scale: float = 0.05):
+    """Every all-zero leaf of ``tree`` → small random values (deterministic per leaf position): the
+    zero-initialised residual outputs (audio attention, MoE experts, motion modules, face locator,
+    biases) start to matter, as early in training."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    key = jax.random.key(seed)
+    out = [
+        leaf + scale * jax.random.normal(jax.random.fold_in(key, i), leaf.shape, leaf.dtype) if leaf.size and not np.any(leaf) else leaf
+        for i, leaf in enumerate(leaves)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def export_initialised_stage(config, run_dir, seed: int = 1):
+    """``RUN/<stage>/{final, config.json}`` of ``config`` with woken initial parameters, as
+    `moee train` leaves a finished stage (no training: fast). Returns ``run_dir``."""
+    from moee_jax.train.trainer import Trainer
+
+    trainer = Trainer(config, run_dir)
+    state = trainer._init_state()
+    state = state.replace(trainable=wake(state.trainable, seed), frozen=wake(state.frozen, seed + 1))
+    trainer.export_final(state)
+    (pathlib.Path(run_dir) / config.stage / "config.json").write_text(config.to_json_best_effort(indent=2))
+    return run_dir

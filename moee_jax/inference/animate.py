@@ -64,6 +64,7 @@ from moee_jax.inference import inputs as inputs_lib
 from moee_jax.inference.inputs import EmotionSpec, InputError, Portrait, Speech
 from moee_jax.inference.long_audio import ClipPlan, clip_audio_features, plan_clips, roll_clips
 from moee_jax.inference.sampling import CONDITION_ORDER, ClipConditions, sample_clip
+from moee_jax.models.audio import AudioProjection
 from moee_jax.models.build import build_backbone
 from moee_jax.models.moee import EmotionConfig, build_moee_from_config
 from moee_jax.models.vae import decode_latents, encode_to_latents
@@ -418,7 +419,8 @@ class Animator:
 
     def clip_conditions(self, params, emotion_inputs: dict, mel, ref_latents, face_features, motion) -> ClipConditions:
         """Everything clip ``mel (1, F + 2c, n)`` is conditioned on (traceable): audio tokens, emotion
-        condition (tokens + palette), learned null emotion, motion latents, face features."""
+        condition (tokens + palette), learned null emotion, null audio tokens (the projection of
+        all-zero windows: what training's dropped-audio branch sees), motion latents, face features."""
         f, c = self.clip_frames, self.context_frames
         per_frame = frame_mel(mel, f, c)  # (1, F, n)
         batch = {"audio_windows": mel_windows(mel, f, c), **emotion_inputs}
@@ -433,10 +435,17 @@ class Animator:
             unconditional["emotion_drop"] = jnp.ones_like(batch["emotion_drop"])
             null = self.model.conditioning.apply({"params": params["conditioning"]}, unconditional, train=False).emotion.tokens
         out = self.model.conditioning.apply({"params": params["conditioning"]}, batch, train=False)
+        null_audio = None
+        if out.audio is not None:
+            cfg = self.model.conditioning
+            projection = AudioProjection(cfg.audio.num_tokens, cfg.audio_out_dim, cfg.audio.hidden_dim, dtype=cfg.dtype)
+            silent = jnp.zeros_like(batch["audio_windows"])
+            null_audio = projection.apply({"params": params["conditioning"]["audio_projection"]}, silent)
         return ClipConditions(
             ref_latents=ref_latents,
             context=self.context.apply({"params": params["context"]}, 1),
             audio=out.audio,
+            null_audio=null_audio,
             emotion=out.emotion,
             null_emotion=null,
             motion_frames=motion,

@@ -6,13 +6,13 @@ Steps (each resumable: a re-run reuses the dataset, finished stages and the cach
    identities and the compound emotions only in ``test``);
 2. train ``vae → embedder → stage1 → stage2`` (``config.stages``) under ``OUT/run``;
 3. train the expression reader (:mod:`moee_jax.eval.reader`) on generator ground truth;
-4. for every held-out identity: animate its neutral test frame with its own held-out speech for
-   each basic emotion and neutral (label), for the compounds of ``config.animate.compounds``
-   (palettes, never seen in training), and speech-only (``emotion_from_audio``) with the audio of
-   its emotional test clips;
-5. score every clip (emotion accuracy, AU error, compound components, lip sync, identity drift) and
-   write ``OUT/videos/*.mp4``, ``OUT/contact_sheet.png`` (rows = emotions, columns = frames),
-   ``OUT/metrics.json`` and ``OUT/metrics.md``.
+4. animate the held-out identities with their held-out speech for each basic emotion and neutral,
+   for the compound palettes never seen in training and speech-only, and score every clip
+   (:func:`moee_jax.eval.evaluate.evaluate_run`): ``OUT/videos/*.mp4``, ``OUT/contact_sheet.png``
+   (rows = emotions, columns = frames);
+5. when ``config.ablate.variants`` is set, train and score the stage-2 ablations
+   (:mod:`moee_jax.eval.ablation`) under ``OUT/ablate``;
+6. write ``OUT/metrics.json`` and ``OUT/metrics.md``.
 """
 
 from __future__ import annotations
@@ -22,11 +22,8 @@ import logging
 import pathlib
 import time
 
-import numpy as np
 from ml_collections import ConfigDict
-from PIL import Image
 
-from moee_jax.data import schema, synthetic
 from moee_jax.emotions import EMOTIONS
 
 log = logging.getLogger("moee_jax.demo")
@@ -40,28 +37,11 @@ def _build_data(config: ConfigDict, data_dir: pathlib.Path) -> str:
     return f"synthetic_talking_faces/{config.data.name}"
 
 
-def _test_clips(data_dir: pathlib.Path, name: str) -> dict[str, dict[str, dict]]:
-    """``speaker → emotion → record`` of the held-out test split."""
-    from moee_jax.data.pipeline import open_source
-
-    source = open_source(data_dir, name, "test")
-    out: dict[str, dict[str, dict]] = {}
-    for i in range(len(source)):
-        r = source[i]
-        out.setdefault(r["speaker"].decode(), {})[r["emotion"].decode()] = r
-    return out
-
-
-def _resize(frame: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BOX))
-
-
 def run_demo(config: ConfigDict, out_dir: str | pathlib.Path) -> dict:
     """Run the whole demo; returns the metrics written to ``OUT/metrics.json``."""
     from moee_jax.eval import metrics as M
-    from moee_jax.eval.reader import load_reader, save_reader, train_reader
-    from moee_jax.inference.animate import Animator, save_animation
-    from moee_jax.inference.inputs import Speech, parse_emotion
+    from moee_jax.eval.ablation import run_ablations
+    from moee_jax.eval.evaluate import EvalSettings, cached_reader, evaluate_run
     from moee_jax.train.trainer import Trainer
 
     out = pathlib.Path(out_dir).absolute()
@@ -86,85 +66,33 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path) -> dict:
 
     t = time.perf_counter()
     size = int(config.stages.stage2.video.image_size[0])
-    reader_path = out / "reader"
-    if (reader_path / "reader.msgpack").exists() or reader_path.exists() and any(reader_path.iterdir()):
-        reader = load_reader(reader_path)
-    else:
-        reader = train_reader(size, steps=int(config.reader.steps))
-        save_reader(reader, reader_path)
+    reader = cached_reader(out / "reader.msgpack", size, int(config.reader.steps))
     timings["reader_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    animator = Animator.from_run(out / "run")
-    tests = _test_clips(out / "data", name)
-    a = config.animate
-    guidance = dict(a.guidance)
-    fps = float(config.stages.stage2.video.fps)
-    probs, targets, au_results, compound_results, sync_results, identity_results = [], [], [], [], [], []
-    speech_probs, speech_targets = [], []
-    sheet_rows: list[tuple[str, np.ndarray]] = []
-    videos = out / "videos"
-    videos.mkdir(exist_ok=True)
-
-    def render(speaker, tag, spec, record):
-        path = videos / f"{speaker}_{tag}.mp4"
-        for p in (path, path.with_suffix(".json")):
-            p.unlink(missing_ok=True)
-        portrait = _resize(schema.decode_frames(tests[speaker]["neutral"]["frames"], [0])[0], size)
-        speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{speaker}/{record['id'].decode()}"))
-        anim = animator.animate(portrait, speech, spec, steps=int(a.steps), sampler=str(a.sampler), guidance=guidance,
-                                seed=int(config.seed), detect=False)  # fmt: skip
-        save_animation(anim, path)
-        return anim.frames, reader.predict(anim.frames), np.asarray(record["audio"], np.float32)
-
-    for speaker, clips in sorted(tests.items()):
-        identity = np.asarray(clips["neutral"]["identity"], np.float32)
-        for emotion in schema.CLASSES:
-            frames, pred, audio = render(speaker, emotion, parse_emotion(emotion), clips["neutral"])
-            probs.append(pred["probs"])
-            targets.append(emotion)
-            static = synthetic.resolve_emotion(emotion, 1.0)[2]
-            au_results.append(M.au_error(pred["aus"], static))
-            sync_results.append(M.lip_sync(pred["mouth"], audio, fps))
-            identity_results.append(M.identity_error(pred["identity"], identity))
-            if speaker == sorted(tests)[0]:
-                sheet_rows.append((emotion, frames))
-        for compound, spec in a.compounds.items():
-            frames, pred, audio = render(speaker, compound, parse_emotion(spec), clips["neutral"])
-            compound_results.append(M.compound_components(pred["aus"], compound, probs=pred["probs"]))
-            sync_results.append(M.lip_sync(pred["mouth"], audio, fps))
-            if speaker == sorted(tests)[0]:
-                sheet_rows.append((compound, frames))
-        for emotion in a.speech_only_emotions:
-            frames, pred, _ = render(speaker, f"speech_{emotion}", parse_emotion(emotion_from_audio=True), clips[emotion])
-            speech_probs.append(pred["probs"])
-            speech_targets.append(emotion)
+    settings = EvalSettings.from_config(config.animate, seed=int(config.seed))
+    summary = evaluate_run(out / "run", reader, data_dir=out / "data", dataset=name, settings=settings,
+                           videos_dir=out / "videos", sheet_path=out / "contact_sheet.png")  # fmt: skip
     timings["animate_and_score_s"] = time.perf_counter() - t
 
-    summary = M.summarize(
-        emotion=M.emotion_accuracy(probs, targets), action_units=au_results, compounds=compound_results,
-        lip_sync=sync_results, identity=identity_results,
-    )  # fmt: skip
-    summary["speech_only"] = {k: v for k, v in M.emotion_accuracy(speech_probs, speech_targets).items() if k != "predictions"}
+    if config.get("ablate") and config.ablate.variants:
+        t = time.perf_counter()
+        ablation = run_ablations(out / "run", out / "ablate", reader, variants=tuple(config.ablate.variants),
+                                 settings=settings)  # fmt: skip
+        summary["ablation"] = {v: ablation[v]["headline"] for v in config.ablate.variants}
+        summary["ablation_table"] = ablation["table"]
+        timings["ablation_s"] = time.perf_counter() - t
+
     summary["training"] = losses
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 1)}
     summary["reader"] = reader.info
-    summary["held_out_identities"] = sorted(tests)
     (out / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
-    (out / "metrics.md").write_text(M.to_markdown(summary))
-    _contact_sheet(sheet_rows, out / "contact_sheet.png")
+    markdown = M.to_markdown(summary)
+    if "ablation_table" in summary:
+        markdown += "\n## Ablations (stage 2 from the same stage 1, same steps)\n\n" + summary["ablation_table"]
+    (out / "metrics.md").write_text(markdown)
+    log.info("demo finished in %.0f s: %s", timings.get("total", time.perf_counter() - t0), out)
     return summary
-
-
-def _contact_sheet(rows: list[tuple[str, np.ndarray]], path: pathlib.Path, columns: int = 8) -> None:
-    """Rows = emotions, columns = ``columns`` frames evenly spaced over each clip."""
-    if not rows:
-        return
-    tiles = []
-    for _, frames in rows:
-        idx = np.linspace(0, len(frames) - 1, columns).round().astype(int)
-        tiles.append(np.concatenate([frames[i] for i in idx], axis=1))
-    Image.fromarray(np.concatenate(tiles, axis=0)).save(path)
 
 
 __all__ = ["run_demo", "EMOTIONS"]

@@ -3,8 +3,10 @@ step evaluates all classifier-free-guidance branches in one U-Net call.
 
 Conditions are guided in the fixed order ``reference → audio → emotion`` (nested CFG,
 :mod:`moee_jax.diffusion.guidance`); absent conditions (no audio, no emotion tokens) are left out
-of the nesting. A dropped condition is: reference — masked out of the self-attention K/V; audio
-— zero tokens; emotion — zero tokens, or the model's learned null tokens when given.
+of the nesting. A dropped condition is what training saw when it dropped it: reference — masked
+out of the self-attention K/V; audio — the tokens of all-zero audio windows (``null_audio``; zero
+tokens when not given); emotion — the model's learned null tokens (``null_emotion``; zero tokens
+when not given).
 """
 
 from __future__ import annotations
@@ -30,8 +32,8 @@ class ClipConditions:
     """Everything a clip is conditioned on (per clip, batch B).
 
     ref_latents (B, h, w, C) · context (B, Lc, D) · audio (B, F, La, Da) · audio_mask (B, F, h, w)
-    · emotion (B, Le, De) tokens or an EmotionCondition (tokens + palette) · null_emotion (B, Le, De)
-    · motion_frames (B, M, h, w, C)
+    · null_audio (B, F, La, Da) · emotion (B, Le, De) tokens or an EmotionCondition (tokens + palette)
+    · null_emotion (B, Le, De) · motion_frames (B, M, h, w, C)
     · face_locator (B, F, h, w, C0). All but the first two may be None.
     """
 
@@ -39,6 +41,7 @@ class ClipConditions:
     context: jax.Array
     audio: jax.Array | None = None
     audio_mask: jax.Array | None = None
+    null_audio: jax.Array | None = None
     emotion: jax.Array | None = None
     null_emotion: jax.Array | None = None
     motion_frames: jax.Array | None = None
@@ -68,7 +71,8 @@ def branch_denoiser(
         kw = {}
         if cond.audio is not None:
             audio = _tile(cond.audio, n)
-            kw["audio"] = jnp.where(flags["audio"][:, None, None, None], audio, 0.0)
+            null_audio = jnp.zeros_like(audio) if cond.null_audio is None else _tile(cond.null_audio, n)
+            kw["audio"] = jnp.where(flags["audio"][:, None, None, None], audio, null_audio)
             kw["audio_mask"] = _tile(cond.audio_mask, n)
         if cond.emotion is not None:
             tokens = getattr(cond.emotion, "tokens", cond.emotion)

@@ -49,7 +49,7 @@ from moee_jax.parallel.rules import DEFAULT_RULES
 from moee_jax.parallel.sharding import logical_sharding, tree_shardings
 from moee_jax.train import metrics as metrics_lib
 from moee_jax.train.optim import ema_update, lr_schedule, make_optimizer
-from moee_jax.train.partition import count, merge_params, split_params
+from moee_jax.train.partition import count, is_trainable, merge_params, split_params
 from moee_jax.train.stages import STAGES, Stage, make_stage
 from moee_jax.train.state import TrainState
 
@@ -215,9 +215,8 @@ class Trainer:
                 continue
             for part in json.loads((path / "metadata.json").read_text()).get("parts", []):
                 if part in params and part not in filled:
-                    abstract = {part: jax.tree_util.tree_map(_struct, params[part], shardings[part])}
-                    params[part] = _restore_subtree(path, abstract)[part]
-                    filled[part] = str(path)
+                    params[part], fresh = _restore_part(path, part, params[part], shardings[part], self._trainable_here)
+                    filled[part] = str(path) + (f" ({len(fresh)} new trainable tensors initialised)" if fresh else "")
                 elif part == "embedder" and "embedder" in params.get("conditioning", {}) and "conditioning/embedder" not in filled:
                     # The embedder stage's module is the conditioning's embedder in stage 2.
                     sub = params["conditioning"]["embedder"]
@@ -231,6 +230,9 @@ class Trainer:
         ema = trainable if state.ema is not None else None
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(trainable)
         return state.replace(trainable=trainable, frozen=frozen, ema=ema, opt_state=opt_state)
+
+    def _trainable_here(self, path: str) -> bool:
+        return is_trainable(path, self.stage.trainable, self.stage.frozen)
 
     # -- the step -----------------------------------------------------------------------------------------
     def _step_fn(self):
@@ -260,7 +262,9 @@ class Trainer:
                     return (acc_l + l, jax.tree_util.tree_map(jnp.add, acc_t, t), jax.tree_util.tree_map(jnp.add, acc_g, g)), None
 
                 zeros_g = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
-                (_, t0), _ = jax.eval_shape(grad_fn, state.trainable, state.frozen, jax.tree_util.tree_map(lambda x: x[0], micro), rng, extra)
+                (_, t0), _ = jax.eval_shape(
+                    grad_fn, state.trainable, state.frozen, jax.tree_util.tree_map(lambda x: x[0], micro), rng, extra
+                )
                 zeros_t = jax.tree_util.tree_map(lambda s: jnp.zeros(s.shape, s.dtype), t0)
                 (loss, terms, grads), _ = jax.lax.scan(body, (jnp.zeros(()), zeros_t, zeros_g), (jnp.arange(accum), micro))
                 loss, terms = loss / accum, jax.tree_util.tree_map(lambda x: x / accum, terms)
@@ -337,9 +341,7 @@ class Trainer:
         return manager.save(step, args=args, force=force)
 
     def _restore(self, manager, step: int, iterator) -> TrainState:
-        args = ocp.args.Composite(
-            state=ocp.args.StandardRestore(self.abstract_state), data=grain.checkpoint.CheckpointRestore(iterator)
-        )
+        args = ocp.args.Composite(state=ocp.args.StandardRestore(self.abstract_state), data=grain.checkpoint.CheckpointRestore(iterator))
         return manager.restore(step, args=args).state
 
     def export_final(self, state: TrainState) -> epath.Path:
@@ -465,6 +467,53 @@ def _struct(leaf, sharding):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
+def _restore_part(path, part: str, current: dict, shardings: dict, trainable_here: Callable[[str], bool]) -> tuple[dict, list[str]]:
+    """Part ``part`` of the params checkpoint at ``path``, leaf by leaf onto ``current``'s shardings.
+
+    A leaf the checkpoint lacks, or holds with another shape, keeps its fresh initialisation when this
+    stage trains it (a stage-2 ablation whose emotion module differs from stage 1's); for a leaf this
+    stage would freeze that is an error naming the leaves. Returns ``(params, fresh leaf paths)``.
+    """
+    from flax import traverse_util
+
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = ckptr.metadata(path / "params").item_metadata.tree
+        if part not in stored:
+            raise TrainingError(f"{path}: no {part!r} params in this checkpoint (it holds {sorted(stored)})")
+        cur = traverse_util.flatten_dict(current)
+        shard = traverse_util.flatten_dict(shardings)
+        any_sharding = jax.tree_util.tree_leaves(shardings)[0]
+        replicated = jax.sharding.NamedSharding(any_sharding.mesh, jax.sharding.PartitionSpec())
+
+        def target_of(p, m):
+            key = p[1:]
+            if p[0] == part and key in cur and tuple(cur[key].shape) == tuple(m.shape):
+                return jax.ShapeDtypeStruct(m.shape, cur[key].dtype, sharding=shard[key])
+            return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated)
+
+        flat_stored = traverse_util.flatten_dict(stored)
+        target = traverse_util.unflatten_dict({p: target_of(p, m) for p, m in flat_stored.items()})
+        restored = traverse_util.flatten_dict(ckptr.restore(path / "params", target)[part])
+    out, fresh, missing = {}, [], []
+    for key, leaf in cur.items():
+        name = "/".join((part, *key))
+        if key in restored and tuple(restored[key].shape) == tuple(leaf.shape):
+            out[key] = restored[key]
+        elif trainable_here(name):
+            out[key] = leaf
+            fresh.append(name)
+        else:
+            have = f"shape {tuple(restored[key].shape)}" if key in restored else "absent"
+            missing.append(f"{name} (model {tuple(leaf.shape)}, checkpoint {have})")
+    if missing:
+        raise TrainingError(f"{path}: frozen parameters this checkpoint cannot fill: " + "; ".join(missing[:10])
+                            + (f" … and {len(missing) - 10} more" if len(missing) > 10 else ""))  # fmt: skip
+    if fresh:
+        log.info("%s: %d tensors of %r not in the checkpoint, trained from their initialisation: %s", path, len(fresh), part,
+                 ", ".join(fresh[:5]) + (" …" if len(fresh) > 5 else ""))  # fmt: skip
+    return traverse_util.unflatten_dict(out), fresh
+
+
 def _restore_subtree(path, abstract: dict) -> dict:
     """Restore the parts in ``abstract`` (ShapeDtypeStructs with shardings) from a params checkpoint.
 
@@ -496,4 +545,3 @@ def _main_thread() -> bool:
 def train(config: ConfigDict, run_dir: str | pathlib.Path, *, max_steps: int | None = None) -> TrainResult:
     """Train ``config.stage`` under ``run_dir``; see the module docstring."""
     return Trainer(config, run_dir).run(max_steps=max_steps)
-

@@ -1,0 +1,131 @@
+"""MoEE's ablations on synthetic data (``moee ablate``), in the form of the paper's ablation table.
+
+Every variant is a stage-2 run that starts from the same stage-1 (and VAE / embedder) final
+parameters of a finished run and trains for the same number of steps with the same seed; only the
+ablated piece differs:
+
+=====================  =========================================================================
+``full``               MoEE as trained (the run's own ``stage2``, reused when the steps match)
+``no_moe``             one emotion cross-attention instead of six experts (``moe_variant=single``)
+``no_global``          no global soft assignment: every expert weighted ``1/6`` (``no_global``)
+``no_masked_noisy``    no masked noisy emotion sampling (``data.noisy_p = 0``; classes still
+                       drawn balanced, so only the noisy swap and its mouth loss mask go)
+=====================  =========================================================================
+
+Each variant is then scored by :func:`moee_jax.eval.evaluate.evaluate_run` on the held-out
+identities. A palette cannot steer the ``single`` variant (it has no experts to mix), so there the
+compound weights reach the label MLP only (:mod:`moee_jax.inference.animate`).
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import time
+from collections.abc import Sequence
+
+from ml_collections import ConfigDict
+
+from moee_jax.eval.evaluate import EvalSettings, evaluate_run
+
+ABLATIONS: dict[str, tuple[str, dict]] = {
+    "full": ("MoEE (full)", {}),
+    "no_moe": ("w/o MoE (one expert)", {"model.emotion.moe_variant": "single"}),
+    "no_global": ("w/o global gate", {"model.emotion.moe_variant": "no_global"}),
+    "no_masked_noisy": ("w/o masked noisy sampling", {"data.noisy_p": 0.0, "data.class_balanced": True}),
+}
+
+# (summary path, column title, better) of the table's columns.
+COLUMNS = (
+    (("headline", "emotion_accuracy"), "Emo-Acc ↑", "high"),
+    (("headline", "au_mae"), "AU-MAE ↓", "low"),
+    (("headline", "compound_both_present_rate"), "Compound both ↑", "high"),
+    (("headline", "lip_sync_pearson"), "Sync r ↑", "high"),
+    (("headline", "identity_mae"), "ID-MAE ↓", "low"),
+)
+
+
+def variant_config(stage2: ConfigDict, run_dir: pathlib.Path, variant: str, steps: int | None = None) -> ConfigDict:
+    """The stage-2 config of ``variant``: the run's own, the ablation's overrides applied, initialised
+    from ``run_dir``'s earlier stages."""
+    if variant not in ABLATIONS:
+        raise ValueError(f"unknown ablation {variant!r}; choose from {list(ABLATIONS)}")
+    c = ConfigDict(stage2.to_dict())
+    for dotted, value in ABLATIONS[variant][1].items():
+        *parents, leaf = dotted.split(".")
+        node = c
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    earlier = [run_dir / s / "final" for s in ("stage1", "embedder", "vae")]
+    c.train.init_from = tuple(str(p) for p in earlier if (p / "params").exists())
+    if steps is not None:
+        c.train.steps = int(steps)
+    return c
+
+
+def run_ablations(
+    run_dir: str | pathlib.Path,
+    out_dir: str | pathlib.Path,
+    reader,
+    *,
+    variants: Sequence[str] = tuple(ABLATIONS),
+    steps: int | None = None,
+    settings: EvalSettings | None = None,
+) -> dict:
+    """Train (or reuse) and score each variant (``settings``: default :class:`EvalSettings`); writes ``OUT/ablation.json`` and ``OUT/ablation.md``.
+
+    ``run_dir`` must hold finished ``stage1`` and ``stage2`` stages. Variant runs go to
+    ``OUT/<variant>/`` and resume like any run. Returns ``{variant: summary}`` plus ``table`` (markdown).
+    """
+    from moee_jax.inference.inputs import load_run_config, resolve_checkpoint
+    from moee_jax.train.trainer import Trainer
+
+    settings = settings or EvalSettings()
+    run_dir, out = pathlib.Path(run_dir).absolute(), pathlib.Path(out_dir).absolute()
+    out.mkdir(parents=True, exist_ok=True)
+    stage2 = load_run_config(resolve_checkpoint(run_dir))
+    results: dict = {}
+    for variant in variants:
+        t0 = time.perf_counter()
+        c = variant_config(stage2, run_dir, variant, steps)
+        if variant == "full" and (steps is None or int(steps) == int(stage2.train.steps)):
+            variant_run = run_dir
+        else:
+            variant_run = out / variant
+            Trainer(c, variant_run).run()
+        train_s = time.perf_counter() - t0
+        summary = evaluate_run(variant_run, reader, settings=settings)
+        summary["train_seconds"] = round(train_s, 1)
+        summary["run_dir"] = str(variant_run)
+        results[variant] = summary
+    table = ablation_markdown(results)
+    (out / "ablation.json").write_text(json.dumps(results, indent=2, default=float))
+    (out / "ablation.md").write_text(table)
+    return results | {"table": table}
+
+
+def ablation_markdown(results: dict) -> str:
+    """The paper's ablation table: one row per variant, one column per metric, best value in bold."""
+
+    def value(summary, path):
+        for k in path:
+            summary = summary.get(k) if isinstance(summary, dict) else None
+        return summary
+
+    variants = [v for v in results if v in ABLATIONS]
+    best = {}
+    for path, _, better in COLUMNS:
+        vals = [value(results[v], path) for v in variants]
+        vals = [x for x in vals if x is not None]
+        if vals:
+            best[path] = max(vals) if better == "high" else min(vals)
+    lines = ["| Method | " + " | ".join(c[1] for c in COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for v in variants:
+        cells = []
+        for path, _, _ in COLUMNS:
+            x = value(results[v], path)
+            cell = "–" if x is None else f"{x:.3f}"
+            cells.append(f"**{cell}**" if x is not None and x == best.get(path) else cell)
+        lines.append(f"| {ABLATIONS[v][0]} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

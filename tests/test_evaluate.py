@@ -1,0 +1,154 @@
+"""`moee eval` / `moee ablate`: scoring a run on held-out identities, the ablation variants and table,
+and stage 2 starting from a stage 1 whose emotion module has another shape."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import traverse_util
+
+from moee_jax.checkpoint.orbax import save_params
+from moee_jax.data.pipeline import open_source
+from moee_jax.eval import ablation as A
+from moee_jax.eval import evaluate as E
+from moee_jax.eval import reader as R
+from moee_jax.inference.animate import _restore_on_one_device
+from moee_jax.train.trainer import TrainingError, _restore_part
+from tests.train_helpers import export_initialised_stage, single_device_trainer, stage_config
+
+
+@pytest.fixture(scope="module")
+def run_dir(synthetic_tfds, tmp_path_factory):
+    """A run with a finished (initialised, not trained) tiny stage 2."""
+    return export_initialised_stage(stage_config("stage2", synthetic_tfds[0]), tmp_path_factory.mktemp("run"))
+
+
+@pytest.fixture(scope="module")
+def reader():
+    """A barely trained reader of the tiny config's 32² frames (scores are not the point here)."""
+    return R.train_reader(32, steps=3, batch_size=8, num_clips=8, frames_per_clip=4, num_identities=8, frames_per_identity=2)
+
+
+def test_the_run_names_its_dataset(run_dir, synthetic_tfds):
+    assert E.run_dataset(run_dir) == synthetic_tfds
+
+
+def test_held_out_clips_are_the_test_speakers_with_a_neutral_portrait_clip(synthetic_tfds):
+    clips = E.held_out_clips(*synthetic_tfds)
+    assert clips and all("neutral" in by_emotion for by_emotion in clips.values())
+    train_speakers = {open_source(synthetic_tfds[0], synthetic_tfds[1], "train")[i]["speaker"].decode() for i in range(8)}
+    assert not train_speakers & set(clips)
+
+
+def test_evaluate_run_scores_every_emotion_compound_and_speech_only_clip(run_dir, reader, synthetic_tfds, tmp_path):
+    clips = E.held_out_clips(*synthetic_tfds)
+    speaker = sorted(clips)[0]
+    settings = E.EvalSettings(steps=2, compounds={"happily_surprised": "happy:0.5,surprised:0.5"}, speech_only_emotions=("anger",))
+    summary = E.evaluate_run(run_dir, reader, settings=settings, speakers=[speaker], videos_dir=tmp_path / "videos",
+                             sheet_path=tmp_path / "sheet.png")  # fmt: skip
+    assert summary["emotion"]["num_clips"] == 7  # six emotions and neutral
+    assert summary["compounds"]["per_compound"]["happily_surprised"]["num_clips"] == 1
+    assert summary["lip_sync"]["num_clips"] == 8 and summary["identity"]["num_clips"] == 8
+    assert ("anger" in clips[speaker]) == ("speech_only" in summary)
+    for value in summary["headline"].values():
+        assert np.isfinite(value)
+    videos = sorted(p.name for p in (tmp_path / "videos").glob("*.mp4"))
+    assert f"{speaker}_happily_surprised.mp4" in videos and f"{speaker}_neutral.mp4" in videos
+    from PIL import Image
+
+    sheet = Image.open(tmp_path / "sheet.png")
+    assert sheet.size == (8 * 32, 8 * 32)  # 8 frames per row; 7 emotions + 1 compound rows
+    json.dumps(summary)  # JSON-ready
+
+
+def test_a_reader_of_another_frame_size_is_refused(run_dir):
+    wrong = R.Reader(size=16, params={}, identity_mean=np.zeros(24), identity_std=np.ones(24))
+    with pytest.raises(ValueError, match="16²"):
+        E.evaluate_run(run_dir, wrong)
+
+
+def test_each_ablation_changes_only_its_piece_and_starts_from_the_runs_stage1(synthetic_tfds, tmp_path):
+    run_dir = tmp_path
+    (run_dir / "stage1" / "final" / "params").mkdir(parents=True)  # only its presence matters here
+    base = stage_config("stage2", synthetic_tfds[0])
+    configs = {v: A.variant_config(base, run_dir, v) for v in A.ABLATIONS}
+    assert configs["no_moe"].model.emotion.moe_variant == "single"
+    assert configs["no_global"].model.emotion.moe_variant == "no_global"
+    assert configs["no_masked_noisy"].data.noisy_p == 0.0 and configs["no_masked_noisy"].data.class_balanced
+    assert base.data.noisy_p > 0  # the full method samples masked noisy emotions
+    for v, c in configs.items():
+        assert list(c.train.init_from) == [str(run_dir / "stage1" / "final")]
+        changed = {k for k, x in traverse_util.flatten_dict(c.to_dict()).items() if traverse_util.flatten_dict(base.to_dict()).get(k) != x}
+        expected = {("train", "init_from")} | {tuple(d.split(".")) for d in A.ABLATIONS[v][1]}
+        assert changed <= expected, (v, changed)
+    with pytest.raises(ValueError, match="unknown ablation"):
+        A.variant_config(base, run_dir, "no_reference")
+
+
+def test_ablation_table_has_the_papers_form_with_the_best_value_in_bold():
+    results = {
+        "full": {"headline": {"emotion_accuracy": 0.9, "au_mae": 0.1, "lip_sync_pearson": 0.5, "identity_mae": 0.2}},
+        "no_moe": {"headline": {"emotion_accuracy": 0.6, "au_mae": 0.3, "lip_sync_pearson": 0.6, "identity_mae": 0.2}},
+    }
+    table = A.ablation_markdown(results).splitlines()
+    assert table[0].startswith("| Method | Emo-Acc ↑ | AU-MAE ↓")
+    full, no_moe = table[2], table[3]
+    assert full.startswith("| MoEE (full) | **0.900** | **0.100** |") and "| 0.500 |" in full
+    assert no_moe.startswith("| w/o MoE (one expert) | 0.600 | 0.300 |") and "**0.600**" in no_moe
+    assert full.count("**0.200**") == 1 and no_moe.count("**0.200**") == 1  # ties are both best
+    assert "–" in full  # no compound clips scored: a dash, not a made-up number
+
+
+# ---- a stage starting from an earlier stage whose module shapes differ -------------------------------------
+
+
+def _toy_checkpoint(path, params):
+    save_params(path, params, {"parts": sorted(params)})
+    return path
+
+
+def _restore(path, current, trainable_patterns):
+    mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
+    sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    shardings = jax.tree_util.tree_map(lambda _: sharding, current)
+    return _restore_part(path, "unet", current, shardings, lambda name: any(p in name for p in trainable_patterns))
+
+
+def test_an_earlier_stage_fills_every_weight_it_has_and_new_trainable_ones_keep_their_initialisation(tmp_path):
+    stored = {"unet": {"conv": {"kernel": np.arange(6.0, dtype=np.float32).reshape(2, 3)},
+                       "emotion": {"experts": np.ones((6, 4), np.float32)}}}  # fmt: skip
+    path = _toy_checkpoint(tmp_path / "stage1", stored)
+    current = {
+        "conv": {"kernel": np.zeros((2, 3), np.float32)},
+        "emotion": {"attention": np.full((4,), 7.0, np.float32)},
+    }  # fmt: skip  a 'single' expert: other leaves
+    params, fresh = _restore(path, current, ["/emotion/"])
+    np.testing.assert_array_equal(params["conv"]["kernel"], stored["unet"]["conv"]["kernel"])  # bit-identical
+    np.testing.assert_array_equal(params["emotion"]["attention"], current["emotion"]["attention"])  # its own init
+    assert fresh == ["unet/emotion/attention"]
+
+
+def test_a_frozen_weight_the_earlier_stage_lacks_or_shapes_differently_is_an_error_naming_it(tmp_path):
+    path = _toy_checkpoint(tmp_path / "stage1", {"unet": {"conv": {"kernel": np.zeros((2, 3), np.float32)}}})
+    current = {"conv": {"kernel": np.zeros((4, 3), np.float32)}, "norm": {"scale": np.ones((3,), np.float32)}}
+    with pytest.raises(TrainingError, match=r"cannot fill: unet/conv/kernel \(model \(4, 3\), checkpoint shape \(2, 3\)\); "
+                                            r"unet/norm/scale \(model \(3,\), checkpoint absent\)"):  # fmt: skip
+        _restore(path, current, ["/emotion/"])
+
+
+@pytest.mark.slow  # two full stage-2 initialisations: about two CPU minutes
+def test_stage2_of_another_moe_variant_keeps_stage1s_weights_and_initialises_its_new_emotion_module(run_dir, synthetic_tfds, tmp_path):
+    export_initialised_stage(stage_config("stage1", synthetic_tfds[0]), run_dir)
+    base = stage_config("stage2", synthetic_tfds[0])
+    c = A.variant_config(base, run_dir, "no_moe")
+    trainer = single_device_trainer(c, tmp_path / "no_moe")
+    state = trainer._init_state()
+    assert "new trainable tensors initialised" in trainer.initialised_from["unet"]
+    stage1 = traverse_util.flatten_dict(jax.device_get(_restore_on_one_device(run_dir / "stage1" / "final")["unet"]))
+    frozen = traverse_util.flatten_dict(jax.device_get(state.frozen["unet"]))
+    assert frozen and all(np.array_equal(v, stage1[k]) for k, v in frozen.items())  # every frozen U-Net weight from stage 1
+    trainable = traverse_util.flatten_dict(jax.device_get(state.trainable["unet"]))
+    assert trainable and all("emotion" in "/".join(k) for k in trainable)
