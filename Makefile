@@ -18,7 +18,7 @@ demo: $(VENV)/.installed
 
 # pytest exits 5 when no test was collected; that is not a failure of the code under test.
 test: $(VENV)/.installed
-	$(PY) -m pytest -q -n 2 --dist loadfile; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 test-slow: $(VENV)/.installed
 	$(PY) -m pytest -q -m slow

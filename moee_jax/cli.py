@@ -8,6 +8,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
   animate   portrait + speech + emotion → talking-head MP4 with the speech muxed in (or a manifest CSV of them)
   eval      score a run on held-out synthetic identities (emotion, AUs, compounds, lip sync, identity)
   ablate    train and score MoEE's stage-2 ablations from a run's stage 1; prints the paper-form table
+  analyze   latent-space analysis of a run: clustering strength, PCA / t-SNE, gates, interpolations
 """
 
 from __future__ import annotations
@@ -333,10 +334,14 @@ COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _pre
 
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in COMMANDS:
+    if len(argv) < 2 or argv[1] not in (*COMMANDS, "analyze"):
         print(__doc__)
         sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
     command = argv[1]
+    if command == "analyze":  # argparse-based (python -m moee_jax.analysis)
+        from moee_jax.analysis.__main__ import main as analyze
+
+        sys.exit(analyze([_underscored(a) for a in argv[2:]]))
     # absl logs at INFO; jax's backend probe would report every platform it did not find (TPU, GPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     main = COMMANDS[command]()

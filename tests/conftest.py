@@ -41,7 +41,7 @@ def synthetic_tfds(tmp_path_factory):
 
 # Modules that take minutes on 2 CPU cores, longest first. Collecting them first lets
 # ``pytest -n 2 --dist loadfile`` start them early instead of leaving one worker with a long tail.
-_HEAVY_FIRST = ("test_train_stages.py", "test_animate.py", "test_train_runtime.py", "test_moee_model.py", "test_eval.py")
+_HEAVY_FIRST = ("test_train_stages.py", "test_animate.py", "test_analysis.py", "test_evaluate.py", "test_train_runtime.py", "test_moee_model.py", "test_eval.py")
 
 
 def pytest_collection_modifyitems(config, items):
