@@ -4,7 +4,9 @@ Builds a small synthetic_talking_faces dataset in a temporary directory, constru
 :class:`moee_jax.train.trainer.Trainer` for each case (stage, config variant, overrides), compiles
 the sharded step once and times ``--steps`` steps after ``--warmup`` (the median of per-step times;
 each step is synchronised). FLOPs come from XLA's cost analysis of the step before partitioning;
-MFU needs the device's peak (known for TPUs and data-centre GPUs, or ``--peak_tflops``).
+MFU needs the device's peak: known for TPUs and data-centre GPUs, or ``--peak_tflops``. On a CPU,
+whose peak the runtime does not report, the peak is measured: the best fp32 throughput of a
+jitted 2048² matmul on all its cores (``--peak_tflops 0``; "MFU vs GEMM").
 
     python benchmarks/train_step.py                       # CPU: tiny stage1/2, sd15-shaped stage2
     python benchmarks/train_step.py --cases sd15:stage1:512:16 --dtype bfloat16   # on a GPU
@@ -43,6 +45,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--remat", default="none")
     parser.add_argument("--attention", default="")
+    parser.add_argument("--unet", nargs="*", default=[], metavar="FIELD=VALUE",
+                        help="model.unet overrides, e.g. layers_per_block=1 (an sd15-shaped model that fits a small host)")  # fmt: skip
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak, for MFU where not known")
     args = parser.parse_args()
 
@@ -53,6 +57,7 @@ def main() -> None:
     from moee_jax.train.trainer import Trainer, to_global
 
     rows = []
+    gemm_peak = None
     with tempfile.TemporaryDirectory() as tmp:
         sizes = sorted({int(c.split(":")[2]) for c in args.cases})
         for size in sizes:
@@ -63,6 +68,9 @@ def main() -> None:
             c = _config(stage, variant)
             c.dtype = args.dtype
             c.model.unet.remat = args.remat
+            for item in args.unet:
+                field, _, value = item.partition("=")
+                c.model.unet[field] = type(c.model.unet[field])(int(value) if value.lstrip("-").isdigit() else value)
             if args.attention:
                 c.model.unet.attention_implementation = args.attention
             c.video.image_size = (int(size), int(size))
@@ -88,6 +96,8 @@ def main() -> None:
             step_s = statistics.median(times)
             flops = trainer.step_flops
             peak = args.peak_tflops * 1e12 if args.peak_tflops else metrics.peak_flops_per_device(jax.devices()[0], args.dtype)
+            if peak is None and jax.devices()[0].platform == "cpu":
+                peak = gemm_peak = gemm_peak or measured_gemm_peak(args.dtype)
             mfu = metrics.mfu(flops, 1.0 / step_s, jax.device_count(), peak)
             rows.append((case, trainer.num_trainable / 1e6, (trainer.num_trainable + trainer.num_frozen) / 1e6,
                          c.train.batch_size, step_s * 1e3, c.train.batch_size / step_s, flops, mfu, compile_s))  # fmt: skip
@@ -96,11 +106,31 @@ def main() -> None:
 
     device = jax.devices()[0]
     print(f"# train step, {datetime.date.today()}, {device.device_kind} × {jax.device_count()} ({platform.machine()}, "
-          f"{os.cpu_count()} CPUs), {args.dtype}, remat={args.remat}")  # fmt: skip
+          f"{os.cpu_count()} CPUs), {args.dtype}, remat={args.remat}"
+          + (f", MFU vs measured GEMM peak {gemm_peak / 1e9:.1f} GFLOP/s" if gemm_peak else ""))  # fmt: skip
     print("| case (variant:stage:size:frames) | trainable M | total M | batch | step ms | examples/s | GFLOP/step | GFLOP/s | MFU | compile s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(_row(row))
+
+
+def measured_gemm_peak(dtype: str = "float32", n: int = 2048, repeats: int = 7) -> float:
+    """FLOP/s of the fastest of ``repeats`` jitted ``n × n`` matmuls: the practical peak of a device
+    whose nominal one is not known (a CPU)."""
+    import jax
+    import jax.numpy as jnp
+
+    a = jnp.ones((n, n), dtype)
+    f = jax.jit(lambda x, y: x @ y)
+    f(a, a).block_until_ready()
+    best = min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(repeats))
+    return 2 * n**3 / best
+
+
+def _timed(fn) -> float:
+    t = time.perf_counter()
+    fn()
+    return time.perf_counter() - t
 
 
 def _row(row) -> str:

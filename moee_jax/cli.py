@@ -267,7 +267,11 @@ def _reader(f, run_dir: str):
     from moee_jax.inference.inputs import load_run_config, resolve_checkpoint
 
     size = int(load_run_config(resolve_checkpoint(run_dir)).video.image_size[0])
-    return cached_reader(f["reader"].value or pathlib.Path(run_dir) / "reader.msgpack", size, f["reader_steps"].value)
+    path = f["reader"].value
+    if path is None:  # the run's own reader, else the demo's (OUT/reader.msgpack next to OUT/run), else a new one
+        own, demo = pathlib.Path(run_dir) / "reader.msgpack", pathlib.Path(run_dir).parent / "reader.msgpack"
+        path = demo if demo.is_file() and not own.is_file() else own
+    return cached_reader(path, size, f["reader_steps"].value)
 
 
 def _eval() -> None:
