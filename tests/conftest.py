@@ -28,15 +28,45 @@ def torch():
     return torch
 
 
+def _once_per_run(tmp_path_factory, name: str, make):
+    """``make(folder)`` once per test run, shared by every xdist worker (they have one base temp
+    folder): the first worker to get the lock builds ``folder``, the others reuse it."""
+    from filelock import FileLock
+
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the run's folder, above the per-worker ones
+    folder = shared / name
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").exists():
+            folder.mkdir(parents=True, exist_ok=True)
+            make(folder)
+            (folder / ".done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def synthetic_tfds(tmp_path_factory):
-    """The ``tiny`` synthetic_talking_faces dataset built once per session: ``(data_dir, name)``."""
+    """The ``tiny`` synthetic_talking_faces dataset built once per test run: ``(data_dir, name)``."""
     pytest.importorskip("tensorflow", reason="building TFDS datasets needs tensorflow-cpu (the test extra)")
     from moee_jax.data.builders.synthetic_talking_faces import build
 
-    data_dir = tmp_path_factory.mktemp("tfds")
-    build("tiny", str(data_dir))
+    data_dir = _once_per_run(tmp_path_factory, "tfds", lambda folder: build("tiny", str(folder)))
     return str(data_dir), "synthetic_talking_faces/tiny"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(synthetic_tfds, tmp_path_factory):
+    """A run with the tiny ``embedder`` and ``stage2`` stages exported with initialised (woken)
+    parameters, as `moee train` leaves finished stages; built once per test run. Read-only: a test
+    that adds stages copies it first."""
+    from tests.train_helpers import export_initialised_stage, stage_config
+
+    def make(folder):
+        for stage in ("embedder", "stage2"):
+            export_initialised_stage(stage_config(stage, synthetic_tfds[0]), folder)
+
+    return _once_per_run(tmp_path_factory, "tiny_run", make)
 
 
 # Modules that take minutes on 2 CPU cores, longest first. Collecting them first lets

@@ -11,7 +11,6 @@ import json
 import math
 import os
 import pathlib
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,7 +23,6 @@ from moee_jax.analysis.extract import ClipLatents
 from moee_jax.data import schema
 from moee_jax.data.schema import CLASSES
 from moee_jax.inference.inputs import EmotionSpec, parse_emotion
-from tests.train_helpers import export_initialised_stage, stage_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 NOTEBOOK = REPO / "notebooks" / "latent_space_analysis.ipynb"
@@ -36,12 +34,9 @@ SECONDS = 0.3  # 8 frames: two clips of the tiny model
 
 
 @pytest.fixture(scope="module")
-def run_dir(synthetic_tfds, tmp_path_factory):
+def run_dir(tiny_run):
     """A run with the `embedder` and `stage2` stages of the tiny configs, as `moee train` leaves them."""
-    run = tmp_path_factory.mktemp("analysis_run")
-    for stage in ("embedder", "stage2"):
-        export_initialised_stage(stage_config(stage, synthetic_tfds[0]), run)
-    return run
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -496,10 +491,8 @@ def test_notebook_executes_end_to_end_and_holds_the_figures_and_the_clustering_t
         monkeypatch.setenv(f"MOEE_{name}", str(value))
     nb = nbformat.read(NOTEBOOK, as_version=4)
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code"), "the notebook is stored without outputs"
-    t0 = time.perf_counter()
+    # A cell that hangs fails after 3 minutes; the run time itself is reported by --durations, not asserted.
     nbclient.NotebookClient(nb, timeout=180, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOK.parent)}}).execute()
-    seconds = time.perf_counter() - t0
-    assert seconds < 180, f"the notebook took {seconds:.0f} s"
 
     outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
     assert not [o for o in outputs if o.output_type == "error"]

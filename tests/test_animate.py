@@ -39,7 +39,6 @@ from moee_jax.inference.inputs import InputError, parse_emotion
 from moee_jax.inference.long_audio import clip_audio_features, plan_clips, roll_clips
 from moee_jax.models.reference import reference_features
 from moee_jax.train.stages import mel_windows
-from tests.train_helpers import export_initialised_stage, stage_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 2
@@ -49,9 +48,9 @@ STEPS = 2
 
 
 @pytest.fixture(scope="module")
-def run_dir(synthetic_tfds, tmp_path_factory):
+def run_dir(tiny_run):
     """``RUN/stage2/{final, config.json}`` of the tiny stage-2 config, as `moee train` leaves it."""
-    return export_initialised_stage(stage_config("stage2", synthetic_tfds[0]), tmp_path_factory.mktemp("run"))
+    return tiny_run
 
 
 @pytest.fixture(scope="module")

@@ -21,9 +21,9 @@ from tests.train_helpers import export_initialised_stage, single_device_trainer,
 
 
 @pytest.fixture(scope="module")
-def run_dir(synthetic_tfds, tmp_path_factory):
+def run_dir(tiny_run):
     """A run with a finished (initialised, not trained) tiny stage 2."""
-    return export_initialised_stage(stage_config("stage2", synthetic_tfds[0]), tmp_path_factory.mktemp("run"))
+    return tiny_run
 
 
 @pytest.fixture(scope="module")
@@ -140,8 +140,8 @@ def test_a_frozen_weight_the_earlier_stage_lacks_or_shapes_differently_is_an_err
 
 
 @pytest.mark.slow  # two full stage-2 initialisations: about two CPU minutes
-def test_stage2_of_another_moe_variant_keeps_stage1s_weights_and_initialises_its_new_emotion_module(run_dir, synthetic_tfds, tmp_path):
-    export_initialised_stage(stage_config("stage1", synthetic_tfds[0]), run_dir)
+def test_stage2_of_another_moe_variant_keeps_stage1s_weights_and_initialises_its_new_emotion_module(synthetic_tfds, tmp_path):
+    run_dir = export_initialised_stage(stage_config("stage1", synthetic_tfds[0]), tmp_path / "run")
     base = stage_config("stage2", synthetic_tfds[0])
     c = A.variant_config(base, run_dir, "no_moe")
     trainer = single_device_trainer(c, tmp_path / "no_moe")
