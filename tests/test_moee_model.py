@@ -68,7 +68,9 @@ def loss_fn(model, params, batch, noisy, t, rng):
     return loss
 
 
-@pytest.fixture(scope="module", params=sorted(PATHS))
+# The embedder path's full-model forward/backward and sharding checks take about 3 CPU minutes (its
+# visual encoder); they run in the slow suite, the embedder itself in test_emotion_embedder / test_train_stages.
+@pytest.fixture(scope="module", params=["latents", pytest.param("embedder_bank", marks=pytest.mark.slow)])
 def setup(request):
     model = build_moee(ours_unet_config(motion_modules=True, audio_dim=AUDIO_DIM, layers_per_block=1), PATHS[request.param], AudioConfig(num_tokens=2, hidden_dim=16))
     batch = make_batch()
