@@ -16,7 +16,7 @@ from moee_jax.eval import ablation as A
 from moee_jax.eval import evaluate as E
 from moee_jax.eval import reader as R
 from moee_jax.inference.animate import _restore_on_one_device
-from moee_jax.train.trainer import TrainingError, _restore_part
+from moee_jax.train.trainer import TrainingError, _restore_parts
 from tests.train_helpers import export_initialised_stage, single_device_trainer, stage_config
 
 
@@ -114,7 +114,7 @@ def _restore(path, current, trainable_patterns):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = jax.tree_util.tree_map(lambda _: sharding, current)
-    return _restore_part(path, "unet", current, shardings, lambda name: any(p in name for p in trainable_patterns))
+    return _restore_parts(path, {"unet": current}, {"unet": shardings}, lambda name: any(p in name for p in trainable_patterns))["unet"]
 
 
 def test_an_earlier_stage_fills_every_weight_it_has_and_new_trainable_ones_keep_their_initialisation(tmp_path):

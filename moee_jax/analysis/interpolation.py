@@ -29,9 +29,8 @@ from PIL import Image
 
 from moee_jax.analysis.animator import INTERPOLATE, AnalysisAnimator
 from moee_jax.analysis.extract import as_text
-from moee_jax.inference.animate import Animator, Job
+from moee_jax.inference.animate import Animator
 from moee_jax.inference.inputs import EmotionSpec, Speech
-from moee_jax.inference.long_audio import roll_clips
 
 MODES = ("latent", "palette")
 
@@ -96,7 +95,7 @@ def interpolate(
         renders = []
         for alpha in alphas:
             pair = {INTERPOLATE: {"a": job.emotion_inputs, "b": inputs_b, "alpha": np.float32(alpha)}}
-            renders.append(render_job(animator, dataclasses.replace(job, emotion_inputs=pair)))
+            renders.append(animator.render_job(dataclasses.replace(job, emotion_inputs=pair)))
         audio = job.speech.wave
     return Interpolation(
         alphas=alphas, frames=np.stack(renders), audio=np.asarray(audio, np.float32), fps=animator.fps, mode=mode,
@@ -112,21 +111,6 @@ def palette_spec(weights: np.ndarray) -> EmotionSpec:
     w = np.asarray(weights, np.float32)
     spec = ",".join(f"{e}:{v:.3g}" for e, v in zip(EMOTIONS, w) if v > 0) or "neutral"
     return EmotionSpec("palette", weights=w, palette=w, spec=spec)
-
-
-def render_job(animator: Animator, job: Job) -> np.ndarray:
-    """Every clip of a prepared ``job``, motion frames handed on as :meth:`Animator.animate` does:
-    ``(T, S, S, 3)`` uint8."""
-    frames: list[np.ndarray] = []
-
-    def one_clip(k, motion):
-        latents, pixels = animator.render_clip(job, k, motion)
-        frames.append(pixels)
-        return latents
-
-    for _ in roll_clips(one_clip, animator.first_motion(job), job.plan):
-        pass
-    return np.concatenate(frames)[: job.plan.num_frames]
 
 
 def frame_strip(interp: Interpolation, columns: int = 6) -> np.ndarray:

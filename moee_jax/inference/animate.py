@@ -297,6 +297,13 @@ class Animator:
         """
         t0 = time.perf_counter()
         job = self.prepare(image, audio, emotion, steps=steps, sampler=sampler, guidance=guidance, seed=seed, detect=detect)
+        video = self.render_job(job, progress)
+        settings = dict(job.settings, seconds=round(time.perf_counter() - t0, 2), warnings=job.warnings)
+        return Animation(video, job.speech.wave, self.fps, job.portrait, job.plan, settings, job.warnings)
+
+    def render_job(self, job: Job, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+        """Every clip of a prepared ``job`` in order, motion frames handed from each clip to the next →
+        ``(T, S, S, 3)`` uint8; ``progress(done, total)`` after each clip."""
         frames: list[np.ndarray] = []
 
         def one_clip(k, motion):
@@ -307,9 +314,7 @@ class Animator:
         for k, _ in roll_clips(one_clip, self.first_motion(job), job.plan):
             if progress is not None:
                 progress(k + 1, job.plan.num_clips)
-        video = np.concatenate(frames)[: job.plan.num_frames]
-        settings = dict(job.settings, seconds=round(time.perf_counter() - t0, 2), warnings=job.warnings)
-        return Animation(video, job.speech.wave, self.fps, job.portrait, job.plan, settings, job.warnings)
+        return np.concatenate(frames)[: job.plan.num_frames]
 
     # ---- conditioning inputs ---------------------------------------------------------------------------------------
 

@@ -213,11 +213,15 @@ class Trainer:
                 if self.config.train.get("init_from"):
                     raise TrainingError(f"config.train.init_from: {src} holds no final params (params/ missing)")
                 continue
-            for part in json.loads((path / "metadata.json").read_text()).get("parts", []):
-                if part in params and part not in filled:
-                    params[part], fresh = _restore_part(path, part, params[part], shardings[part], self._trainable_here)
+            stored_parts = json.loads((path / "metadata.json").read_text()).get("parts", [])
+            wanted = [part for part in stored_parts if part in params and part not in filled]
+            if wanted:  # one read of the checkpoint for every part it fills
+                restored = _restore_parts(path, {k: params[k] for k in wanted}, {k: shardings[k] for k in wanted}, self._trainable_here)
+                for part, (values, fresh) in restored.items():
+                    params[part] = values
                     filled[part] = str(path) + (f" ({len(fresh)} new trainable tensors initialised)" if fresh else "")
-                elif part == "embedder" and "embedder" in params.get("conditioning", {}) and "conditioning/embedder" not in filled:
+            for part in stored_parts:
+                if part == "embedder" and "embedder" in params.get("conditioning", {}) and "conditioning/embedder" not in filled:
                     # The embedder stage's module is the conditioning's embedder in stage 2.
                     sub = params["conditioning"]["embedder"]
                     abstract = {"embedder": jax.tree_util.tree_map(_struct, sub, shardings["conditioning"]["embedder"])}
@@ -467,51 +471,59 @@ def _struct(leaf, sharding):
     return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding)
 
 
-def _restore_part(path, part: str, current: dict, shardings: dict, trainable_here: Callable[[str], bool]) -> tuple[dict, list[str]]:
-    """Part ``part`` of the params checkpoint at ``path``, leaf by leaf onto ``current``'s shardings.
+def _restore_parts(
+    path, current: dict[str, dict], shardings: dict[str, dict], trainable_here: Callable[[str], bool]
+) -> dict[str, tuple[dict, list[str]]]:
+    """The parts named in ``current`` from the params checkpoint at ``path``, leaf by leaf onto
+    ``current``'s shardings, in one read.
 
     A leaf the checkpoint lacks, or holds with another shape, keeps its fresh initialisation when this
     stage trains it (a stage-2 ablation whose emotion module differs from stage 1's); for a leaf this
-    stage would freeze that is an error naming the leaves. Returns ``(params, fresh leaf paths)``.
+    stage would freeze that is an error naming the leaves. Returns ``{part: (params, fresh leaf paths)}``.
     """
     from flax import traverse_util
 
+    cur = {part: traverse_util.flatten_dict(tree) for part, tree in current.items()}
+    shard = {part: traverse_util.flatten_dict(tree) for part, tree in shardings.items()}
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path / "params").item_metadata.tree
-        if part not in stored:
-            raise TrainingError(f"{path}: no {part!r} params in this checkpoint (it holds {sorted(stored)})")
-        cur = traverse_util.flatten_dict(current)
-        shard = traverse_util.flatten_dict(shardings)
+        absent = sorted(set(current) - set(stored))
+        if absent:
+            raise TrainingError(f"{path}: no {absent} params in this checkpoint (it holds {sorted(stored)})")
         any_sharding = jax.tree_util.tree_leaves(shardings)[0]
         replicated = jax.sharding.NamedSharding(any_sharding.mesh, jax.sharding.PartitionSpec())
 
         def target_of(p, m):
-            key = p[1:]
-            if p[0] == part and key in cur and tuple(cur[key].shape) == tuple(m.shape):
-                return jax.ShapeDtypeStruct(m.shape, cur[key].dtype, sharding=shard[key])
+            part, key = p[0], p[1:]
+            if part in cur and key in cur[part] and tuple(cur[part][key].shape) == tuple(m.shape):
+                return jax.ShapeDtypeStruct(m.shape, cur[part][key].dtype, sharding=shard[part][key])
             return jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=replicated)
 
         flat_stored = traverse_util.flatten_dict(stored)
         target = traverse_util.unflatten_dict({p: target_of(p, m) for p, m in flat_stored.items()})
-        restored = traverse_util.flatten_dict(ckptr.restore(path / "params", target)[part])
-    out, fresh, missing = {}, [], []
-    for key, leaf in cur.items():
-        name = "/".join((part, *key))
-        if key in restored and tuple(restored[key].shape) == tuple(leaf.shape):
-            out[key] = restored[key]
-        elif trainable_here(name):
-            out[key] = leaf
-            fresh.append(name)
-        else:
-            have = f"shape {tuple(restored[key].shape)}" if key in restored else "absent"
-            missing.append(f"{name} (model {tuple(leaf.shape)}, checkpoint {have})")
+        restored_all = ckptr.restore(path / "params", target)
+    out, missing = {}, []
+    for part, leaves in cur.items():
+        restored = traverse_util.flatten_dict(restored_all[part])
+        values, fresh = {}, []
+        for key, leaf in leaves.items():
+            name = "/".join((part, *key))
+            if key in restored and tuple(restored[key].shape) == tuple(leaf.shape):
+                values[key] = restored[key]
+            elif trainable_here(name):
+                values[key] = leaf
+                fresh.append(name)
+            else:
+                have = f"shape {tuple(restored[key].shape)}" if key in restored else "absent"
+                missing.append(f"{name} (model {tuple(leaf.shape)}, checkpoint {have})")
+        if fresh:
+            log.info("%s: %d tensors of %r not in the checkpoint, trained from their initialisation: %s", path, len(fresh), part,
+                     ", ".join(fresh[:5]) + (" …" if len(fresh) > 5 else ""))  # fmt: skip
+        out[part] = (traverse_util.unflatten_dict(values), fresh)
     if missing:
         raise TrainingError(f"{path}: frozen parameters this checkpoint cannot fill: " + "; ".join(missing[:10])
                             + (f" … and {len(missing) - 10} more" if len(missing) > 10 else ""))  # fmt: skip
-    if fresh:
-        log.info("%s: %d tensors of %r not in the checkpoint, trained from their initialisation: %s", path, len(fresh), part,
-                 ", ".join(fresh[:5]) + (" …" if len(fresh) > 5 else ""))  # fmt: skip
-    return traverse_util.unflatten_dict(out), fresh
+    return out
 
 
 def _restore_subtree(path, abstract: dict) -> dict:
