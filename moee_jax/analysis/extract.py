@@ -40,6 +40,7 @@ from moee_jax.analysis.animator import AnalysisAnimator
 from moee_jax.data import pipeline as data_pipeline
 from moee_jax.data import schema
 from moee_jax.emotions import NUM_EMOTIONS
+from moee_jax.eval.evaluate import run_dataset  # noqa: F401  (re-exported: the notebook's extract.run_dataset)
 from moee_jax.inference.inputs import EmotionSpec, RunCheckpoint, load_run_config, parse_emotion
 from moee_jax.models.emotion_embedder import GaussianEmotionEmbedder
 from moee_jax.models.moee import EmotionConfig
@@ -103,13 +104,6 @@ class ClipLatents:
 
 
 # ---- dataset windows ---------------------------------------------------------------------------------------
-
-
-def run_dataset(run_dir: str | pathlib.Path) -> tuple[str, str]:
-    """``(data_dir, name)`` the run's stage 2 was trained on (``RUN/stage2/config.json``)."""
-    from moee_jax.eval.evaluate import run_dataset as stage2_dataset
-
-    return stage2_dataset(run_dir)
 
 
 def window_samples(source, config, keys: Sequence[int], windows_per_clip: int, seed: int) -> list[dict]:
