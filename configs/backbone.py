@@ -74,7 +74,9 @@ def get_config(arg: str = "tiny") -> ConfigDict:
         sampler = dict(name="ddim", num_steps=8, spacing="trailing", eta=0.0)
 
     c.model = ConfigDict()
-    c.model.vae = ConfigDict(dict(vae, latent_channels=4, scaling_factor=0.18215))
+    # kind "kl": SD's KL VAE (converted SD weights keep scaling_factor; one trained here measures its
+    # latent statistics from data). kind "space_to_depth" (+ factor): lossless, for small demos.
+    c.model.vae = ConfigDict(dict(vae, kind="kl", latent_channels=4, scaling_factor=0.18215))
     c.model.unet = ConfigDict(unet)
     # "blockwise" (flash-style, pure JAX) runs everywhere and is fastest on CPU; "cudnn" on NVIDIA GPUs
     # where head dims allow (≤ 128), "pallas" on TPU; "xla" is the plain reference.

@@ -116,3 +116,14 @@ def label_weights(labels: str | Sequence[str]) -> np.ndarray:
     if isinstance(labels, str):
         return parse_palette(labels)
     return np.array([parse_palette(spec) for spec in labels], np.float32).reshape(-1, NUM_EMOTIONS)
+
+
+def palette_name(weights: np.ndarray | Sequence[float]) -> str:
+    """The canonical spec of a weight vector ``(6,)``: ``"happiness:0.5,surprise:0.5"`` (non-zero
+    weights in :data:`EMOTIONS` order, ``%g``), ``"neutral"`` for all zeros. ``parse_palette`` of it
+    gives the weights back (normalised)."""
+    w = np.asarray(weights, np.float64).reshape(-1)
+    if w.shape != (NUM_EMOTIONS,):
+        raise ValueError(f"a palette has {NUM_EMOTIONS} weights over {EMOTIONS}, got shape {w.shape}")
+    items = [f"{e}:{v:g}" for e, v in zip(EMOTIONS, w) if v > 0]
+    return ",".join(items) if items else NEUTRAL

@@ -137,7 +137,8 @@ def test_vectorised_experts_equal_a_per_expert_loop(params, inputs, run):
     s = 1 / (1 + np.exp(-(h @ np.asarray(local["kernel"], np.float64) + np.asarray(local["bias"]))))  # (N, L, E)
     logits = h.mean(1) @ np.asarray(glob["kernel"], np.float64) + np.asarray(glob["bias"])
     g = np.exp(logits - logits.max(-1, keepdims=True))
-    g /= g.sum(-1, keepdims=True)  # (N, E)
+    g /= g.sum(-1, keepdims=True)  # (N, E + 1): six experts and "none"
+    g = g[:, :E]
     expected = np.asarray(x, np.float64)
     for i in range(E):
         expert_i = jax.tree.map(lambda p: p[i], params["experts"])
@@ -173,13 +174,31 @@ def test_one_hot_palette_output_ignores_the_other_experts(params, inputs, run):
     np.testing.assert_array_equal(run(params, x, emotion)[0], run(changed, x, emotion)[0])
 
 
-def test_local_gates_lie_in_the_open_unit_interval_and_global_gates_sum_to_one(params, inputs, run):
+def test_local_gates_lie_in_the_open_unit_interval_and_the_learned_global_gate_leaves_room_for_no_emotion(params, inputs, run):
     x, tokens = inputs
     local, glob = _gates(run(params, x, tokens)[1])
-    assert local.shape == (B * F, L, E) and glob.shape == (B * F, E)
+    logits = run(params, x, tokens)[1]["intermediates"]["global_gate_logits"][0]
+    assert local.shape == (B * F, L, E) and glob.shape == (B * F, E) and logits.shape == (B * F, E + 1)
     assert np.all((local > 0) & (local < 1))
     assert np.all(glob > 0)
-    np.testing.assert_allclose(glob.sum(-1), 1.0, rtol=1e-6)
+    none = np.asarray(jax.nn.softmax(logits, axis=-1))[:, E]
+    np.testing.assert_allclose(glob.sum(-1) + none, 1.0, rtol=1e-6)
+    assert np.all(glob.sum(-1) < 1.0)
+
+
+def test_palette_keep_chooses_per_clip_between_the_palette_and_the_learned_gate(params, inputs, run):
+    x, tokens = inputs
+    palette = np.stack([parse_palette("angry"), parse_palette("sad")])
+    _, learned = _gates(run(params, x, tokens)[1])
+    _, glob = _gates(run(params, x, EmotionCondition(tokens, jnp.asarray(palette), jnp.array([True, False])))[1])
+    np.testing.assert_array_equal(glob[:F], np.repeat(palette[:1], F, axis=0))  # clip 0: its label's expert
+    np.testing.assert_array_equal(glob[F:], learned[F:])  # clip 1: emotion not from a label, the gate network acts
+
+
+def test_neutral_palette_switches_every_expert_off(params, inputs, run):
+    x, tokens = inputs
+    neutral = EmotionCondition(tokens, jnp.zeros((B, E)))
+    np.testing.assert_array_equal(run(params, x, neutral)[0], x)
 
 
 def test_palette_replaces_the_global_gate_for_every_frame_of_its_clip(params, inputs, run):
@@ -230,6 +249,11 @@ def test_ablation_variants_have_their_parameter_structure_and_gates(variant, par
     local, glob = _gates(inter)
     if variant == "no_global":
         np.testing.assert_array_equal(glob, np.full((B * F, E), 1 / E, np.float32))
+        # Unbound experts: a palette does not steer them.
+        _, inter = jax.jit(lambda v: moe.apply(v, x, EmotionCondition(tokens, jnp.tile(jnp.eye(E)[:1], (B, 1))), mutable="intermediates"))(
+            nn.unbox(boxed)
+        )
+        np.testing.assert_array_equal(_gates(inter)[1], np.full((B * F, E), 1 / E, np.float32))
     else:
         np.testing.assert_array_equal(local, np.ones((B * F, L, E), np.float32))
 

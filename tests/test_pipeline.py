@@ -50,6 +50,7 @@ def test_sample_shapes_and_dtypes(source):
         "drop_emotion": ((4,), np.bool_), "action_units": ((4, 8, 11), np.float32),
         "has_action_units": ((4,), np.bool_), "clip_key": ((4,), np.int64), "start": ((4,), np.int32),
         "reference_index": ((4,), np.int32), "mel": ((4, 12, 32), np.float32),
+        "emotion_drop": ((4, 3), np.bool_), "motion_is_reference": ((4,), np.bool_), "reference_clip": ((4,), np.int64),
     }  # fmt: skip
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
     assert (b["lip_mask"] <= b["face_mask"] + 1e-6).all() and b["face_mask"].max() > 0.5
@@ -78,6 +79,56 @@ def test_stage1_reference_frame_is_at_least_n_frames_from_the_window(source):
     distance = np.maximum(window_lo - b["reference_index"], b["reference_index"] - window_hi)
     assert distance.min() >= n
     assert len(np.unique(b["reference_index"])) > 5  # drawn, not fixed
+
+
+def _speaker(source, key) -> str:
+    return source[int(key)]["speaker"].decode()
+
+
+def test_reference_from_the_neutral_clip_of_the_same_identity(source):
+    b = _concat(_batches(source, 6, reference_neutral_p=1.0))
+    for key, ref, cls in zip(b["clip_key"], b["reference_clip"], b["emotion_class"]):
+        assert _speaker(source, ref) == _speaker(source, key)
+        assert source[int(ref)]["emotion"].decode() == schema.NEUTRAL
+        if cls != schema.CLASSES.index(schema.NEUTRAL):
+            assert ref != key  # an emotional target never sees its own clip as the reference
+    frames = [schema.decode_frames(source[int(r)]["frames"], [int(i)])[0] for r, i in zip(b["reference_clip"], b["reference_index"])]
+    np.testing.assert_array_equal(b["reference"], np.stack(frames))
+
+
+def test_reference_from_another_clip_of_the_same_identity(source):
+    b = _concat(_batches(source, 6, reference_other_p=1.0))
+    assert np.all(b["reference_clip"] != b["clip_key"])
+    assert all(_speaker(source, r) == _speaker(source, k) for r, k in zip(b["reference_clip"], b["clip_key"]))
+
+
+def test_motion_frames_repeat_the_reference_at_their_rate(source):
+    b = _concat(_batches(source, 12, motion_as_reference_p=0.5))
+    flagged = b["motion_is_reference"]
+    assert 0.25 < flagged.mean() < 0.75
+    for i in np.flatnonzero(flagged):
+        assert all((b["motion_frames"][i, j] == b["reference"][i]).all() for j in range(2))
+    for i in np.flatnonzero(~flagged):
+        record = source[int(b["clip_key"][i])]
+        s = int(b["start"][i])
+        np.testing.assert_array_equal(b["motion_frames"][i], schema.decode_frames(record["frames"], range(s - 2, s)))
+
+
+def test_emotion_modes_keep_exactly_one_modality_unless_the_emotion_is_dropped(source):
+    b = _concat(_batches(source, 16, emotion_speech_p=0.3, drop_emotion_p=0.2))
+    drop, dropped = b["emotion_drop"], b["drop_emotion"]
+    np.testing.assert_array_equal(drop[dropped], True)  # (text, speech, label) all dropped
+    kept = drop[~dropped]
+    assert np.all((~kept).sum(1) == 1) and not np.any(~kept[:, 0])  # one of speech / label, never text (p = 0)
+    speech_share = (~kept[:, 1]).mean()
+    assert 0.1 < speech_share < 0.55
+    assert 0.05 < dropped.mean() < 0.4
+
+
+def test_class_balanced_sampling_draws_every_class_about_equally(source):
+    b = _concat(_batches(source, 24, class_balanced=True))
+    counts = np.bincount(b["emotion_class"], minlength=len(schema.CLASSES))
+    assert counts.min() >= 4  # 96 samples over 7 classes: about 14 each; neutral is 1 clip in 13 of the data
 
 
 def test_clips_too_short_for_the_reference_distance_are_reported(source):

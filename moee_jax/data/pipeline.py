@@ -9,7 +9,7 @@ key                  shape / dtype                meaning
 ===================  ===========================  ==================================================
 ``frames``           ``(F, S, S, 3)`` uint8        the target frames ``[s, s + F)``
 ``motion_frames``    ``(M, S, S, 3)`` uint8        the ``M`` frames before them ``[s − M, s)``
-``reference``        ``(S, S, 3)`` uint8           the reference (identity) frame, same video
+``reference``        ``(S, S, 3)`` uint8           the reference (identity) frame (see below)
 ``audio``            ``(A,)`` float32              16 kHz speech of frames ``[s − c, s + F + c)``,
                                                    ``A = (F + 2c)·sr/fps``, zeros outside the clip
 ``mel``              ``(F + 2c, n_mels)`` float32      log-mel energy of each video frame of that audio
@@ -23,7 +23,10 @@ key                  shape / dtype                meaning
 ``noisy``            bool                          masked noisy emotion sample (stage 2)
 ``drop_reference``   bool                          CFG condition dropout flags (see below)
 ``drop_audio``       bool
-``drop_emotion``     bool
+``drop_emotion``     bool                          every emotion modality dropped (unconditional)
+``emotion_drop``     ``(3,)`` bool                 per modality (text, speech, label): True drops it
+``motion_is_reference`` bool                       motion frames are the repeated reference
+``reference_clip``   int64                         record the reference frame comes from
 ``action_units``     ``(F, 11)`` float32           ground truth (synthetic), zeros for real data
 ``has_action_units`` bool
 ``clip_key``         int64                         record index in the split
@@ -32,14 +35,24 @@ key                  shape / dtype                meaning
 ``text``             ``(L,)`` int32 + ``text_mask``  only with ``tokenizer`` set
 ===================  ===========================  ==================================================
 
-Reference frame
-    Stage 1 (ReferenceNet + U-Net) draws it at least ``reference_min_distance`` frames away from
-    every frame of the window ``[s − M, s + F)``, so the U-Net cannot copy the target; clips too
-    short to allow that are left out of the sampling pool (and counted in ``skipped``).
+Reference frame — the model must need its conditions
+    A clip holds one expression in every frame, so a reference or motion frame from the target's own
+    clip already shows the emotion, and a model trained on such samples ignores its emotion
+    condition (measured: the loss with emotion labels shuffled across the batch equalled the loss
+    with the true ones). At inference the reference is a *neutral* portrait and the first clip's
+    motion frames are that portrait repeated. Training is made to look the same:
+
+    * with probability ``reference_neutral_p`` the reference is a frame of a **neutral clip of the
+      same identity** (when it has one besides the target), with ``reference_other_p`` a frame of
+      **another clip of the same identity** (any emotion); otherwise a frame of the target clip at
+      least ``reference_min_distance`` frames from the window (clips too short for that are left
+      out of the sampling pool and counted in ``skipped``);
+    * with probability ``motion_as_reference_p`` the ``M`` motion frames are the reference frame
+      repeated (``motion_is_reference``), as at the first clip of an animation.
 
 Masked noisy emotion sampling (MoEE §3.4, stage 2)
     Each sample first draws a *target class* uniformly over the classes present (class-balanced,
-    since the per-emotion subsets are small). With probability ``noisy_p`` the clip is then drawn
+    since the per-emotion subsets are small; ``class_balanced`` does this without the noise). With probability ``noisy_p`` the clip is then drawn
     instead from the clips of *any other* class — another emotion or neutral — and the sample is
     flagged ``noisy``. A noisy sample keeps its own emotion condition (``palette``,
     ``emotion_class`` are those of the clip shown, so condition and pixels agree) and adds identity
@@ -51,10 +64,15 @@ Masked noisy emotion sampling (MoEE §3.4, stage 2)
     upsampled for pixel-space terms) and normalises by its sum, so masked cells contribute exactly
     nothing and do not dilute the others.
 
-Condition dropout (classifier-free guidance)
+Condition dropout (classifier-free guidance) and emotion modes
     With ``drop_all_p`` every condition is dropped together; otherwise each of reference, audio and
     emotion independently with its own probability. The flags are data; the model replaces a
-    dropped condition by its null input.
+    dropped condition by its null input. A sample whose emotion is kept is conditioned the way one
+    inference mode conditions it (train as you infer): with ``emotion_speech_p`` on its speech alone
+    (``--emotion-from-audio``), with ``emotion_text_p`` on its text alone (``--emotion-text``), and
+    otherwise on its label alone (``--emotion``: the speech source is dropped, since the speech a
+    user gives need not carry the emotion asked for). ``emotion_drop`` holds the result over
+    (text, speech, label); ``drop_emotion`` is the all-dropped case.
 
 Sharding and determinism
     Records are sharded over JAX processes (``ShardByJaxProcess``: process ``i`` of ``n`` owns a
@@ -89,7 +107,10 @@ class PipelineConfig:
     num_frames: int = 16  # F
     image_size: int = 0  # S: frames resized to S × S (landmarks scaled with them); 0 keeps the stored size
     motion_frames: int = 2  # M
-    reference_min_distance: int = 0  # stage 1: frames between the reference and the window
+    reference_min_distance: int = 0  # frames between a same-clip reference and the window
+    reference_neutral_p: float = 0.0  # reference from a neutral clip of the same identity
+    reference_other_p: float = 0.0  # reference from another clip of the same identity (any emotion)
+    motion_as_reference_p: float = 0.0  # motion frames = the reference repeated (an animation's first clip)
     audio_context_frames: int = 2  # c: audio frames of context on each side of the window
     mel_bins: int = 32  # log-mel features per video frame (0: none)
     mask_downsample: int = 8  # r: masks at S / r (the VAE's latent size)
@@ -100,6 +121,8 @@ class PipelineConfig:
     drop_audio_p: float = 0.0
     drop_emotion_p: float = 0.0
     drop_all_p: float = 0.0
+    emotion_speech_p: float = 0.0  # emotion from the speech alone (label dropped)
+    emotion_text_p: float = 0.0  # emotion from the text alone (label dropped)
     batch_size: int = 2  # per process
     seed: int = 0
     shuffle: bool = True
@@ -117,10 +140,14 @@ class PipelineConfig:
         return cls(**dict(values))
 
     def __post_init__(self):
-        for name in ("noisy_p", "drop_reference_p", "drop_audio_p", "drop_emotion_p", "drop_all_p"):
+        for name in ("noisy_p", "drop_reference_p", "drop_audio_p", "drop_emotion_p", "drop_all_p", "reference_neutral_p",
+                     "reference_other_p", "motion_as_reference_p", "emotion_speech_p", "emotion_text_p"):  # fmt: skip
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"data.{name} must lie in [0, 1], got {p}")
+        for a, b in (("reference_neutral_p", "reference_other_p"), ("emotion_speech_p", "emotion_text_p")):
+            if getattr(self, a) + getattr(self, b) > 1.0:
+                raise ValueError(f"data.{a} + data.{b} must be at most 1, got {getattr(self, a)} + {getattr(self, b)}")
         if self.num_frames < 1 or self.motion_frames < 0 or self.reference_min_distance < 0:
             raise ValueError("data.num_frames must be >= 1, data.motion_frames and data.reference_min_distance >= 0")
         if self.batch_size < 1:
@@ -137,27 +164,44 @@ class ClipIndex:
     num_frames: np.ndarray  # int64
     emotion_class: np.ndarray  # int64, -1 for compounds
     frame_size: np.ndarray  # int64, S
+    speaker: np.ndarray  # int64, index into ``speakers``
+    speakers: tuple[str, ...] = ()
 
     def __len__(self) -> int:
         return len(self.num_frames)
 
 
+def _text(value) -> str:
+    """A record's string field (TFDS gives ``bytes``)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _index_from(data: dict) -> ClipIndex:
+    speakers = tuple(data["speakers"])
+    return ClipIndex(*(np.asarray(data[k], np.int64) for k in ("num_frames", "emotion_class", "frame_size", "speaker")), speakers)
+
+
 def clip_index(source, cache: str | pathlib.Path | None = None) -> ClipIndex:
-    """Read ``num_frames`` / ``emotion_class`` / frame size of every record (cached as JSON if given)."""
+    """Read ``num_frames`` / ``emotion_class`` / frame size / speaker of every record (cached as JSON
+    if given; a cache without the speaker field is rebuilt)."""
     if cache is not None and pathlib.Path(cache).exists():
         data = json.loads(pathlib.Path(cache).read_text())
-        if data.get("num_records") == len(source):
-            return ClipIndex(*(np.asarray(data[k], np.int64) for k in ("num_frames", "emotion_class", "frame_size")))
-    n, e, s = [], [], []
+        if data.get("num_records") == len(source) and "speaker" in data:
+            return _index_from(data)
+    n, e, s, who = [], [], [], []
     for i in range(len(source)):
         record = source[i]
         n.append(len(record["frames"]))
         e.append(int(record["emotion_class"]))
         s.append(schema.decode_frames(record["frames"], [0]).shape[1] if len(record["frames"]) else 0)
-    index = ClipIndex(np.asarray(n, np.int64), np.asarray(e, np.int64), np.asarray(s, np.int64))
+        who.append(_text(record["speaker"]))
+    speakers = sorted(set(who))
+    data = {"num_records": len(source), "num_frames": n, "emotion_class": e, "frame_size": s,
+            "speaker": [speakers.index(w) for w in who], "speakers": speakers}  # fmt: skip
+    index = _index_from(data)
     if cache is not None:
         try:
-            pathlib.Path(cache).write_text(json.dumps({"num_records": len(source), "num_frames": n, "emotion_class": e, "frame_size": s}))
+            pathlib.Path(cache).write_text(json.dumps(data))
         except OSError as e:  # e.g. a read-only dataset directory: the index is recomputed next time
             logging.getLogger("moee_jax.data").info("clip index not cached at %s: %s", cache, e)
     return index
@@ -220,6 +264,12 @@ class MakeSample(grain.transforms.RandomMap):
         if self.size % cfg.mask_downsample:
             raise ValueError(f"frame size {self.size} is not divisible by data.mask_downsample={cfg.mask_downsample}")
         self.num_frames = index.num_frames
+        # Clips of each identity (within this process's records), for references from other clips.
+        speakers = index.speaker[self.keys]
+        self.speaker_of = {int(k): int(w) for k, w in zip(self.keys, speakers)}
+        self.by_speaker = {int(w): self.keys[speakers == w] for w in np.unique(speakers)}
+        neutral = schema.CLASSES.index(schema.NEUTRAL)
+        self.neutral_by_speaker = {int(w): self.keys[(speakers == w) & (classes == neutral)] for w in np.unique(speakers)}
 
     # Which record a sample shows ----------------------------------------------------------------
     def _choose(self, key: int, rng: np.random.Generator) -> tuple[int, bool]:
@@ -241,11 +291,29 @@ class MakeSample(grain.transforms.RandomMap):
             self._usable_cache = set(int(k) for k in self.keys)
         return self._usable_cache
 
-    def _window(self, n: int, rng: np.random.Generator) -> tuple[int, int]:
-        """``(s, reference_index)`` with ``s ∈ [M, n − F]`` and the reference ≥ N frames from the window."""
+    def _reference_clip(self, clip_key: int, rng: np.random.Generator) -> int:
+        """The record the reference frame comes from: a neutral or another clip of the same identity
+        (probabilities ``reference_neutral_p`` / ``reference_other_p``, when there is one), else ``clip_key``."""
+        cfg = self.cfg
+        u = rng.random()
+        speaker = self.speaker_of[clip_key]
+        if u < cfg.reference_neutral_p:
+            pool = self.neutral_by_speaker[speaker]
+        elif u < cfg.reference_neutral_p + cfg.reference_other_p:
+            pool = self.by_speaker[speaker]
+        else:
+            return clip_key
+        pool = pool[pool != clip_key]
+        return int(pool[rng.integers(len(pool))]) if len(pool) else clip_key
+
+    def _window(self, n: int, rng: np.random.Generator, same_clip: bool = True) -> tuple[int, int]:
+        """``(s, reference_index)`` with ``s ∈ [M, n − F]``; a same-clip reference is ≥ N frames from
+        the window, another clip's is any of its frames (drawn by the caller)."""
         cfg = self.cfg
         m, f, d = cfg.motion_frames, cfg.num_frames, cfg.reference_min_distance
         starts = np.arange(m, n - f + 1)
+        if not same_clip:
+            return int(starts[rng.integers(len(starts))]), -1
         if d == 0:
             s = int(starts[rng.integers(len(starts))])
             return s, int(rng.integers(n))
@@ -258,26 +326,46 @@ class MakeSample(grain.transforms.RandomMap):
         r = j if j < before[s_i] else s + f - 1 + d + (j - before[s_i])
         return s, r
 
+    def _emotion_modes(self, drop_all: bool, rng: np.random.Generator) -> np.ndarray:
+            """``(3,)`` drop flags over (text, speech, label): all for a dropped emotion, else one mode
+            kept — speech (``emotion_speech_p``), text (``emotion_text_p``) or the label."""
+            if drop_all:
+                return np.ones(3, np.bool_)
+            u = rng.random()
+            keep = 1 if u < self.cfg.emotion_speech_p else 0 if u < self.cfg.emotion_speech_p + self.cfg.emotion_text_p else 2
+            flags = np.ones(3, np.bool_)
+            flags[keep] = False
+            return flags
+
     def random_map(self, key, rng: np.random.Generator) -> dict[str, np.ndarray]:
         cfg = self.cfg
         clip_key, noisy = self._choose(int(key), rng)
         record = self.source[clip_key]
         n = len(record["frames"])
-        s, r = self._window(n, rng)
+        ref_key = self._reference_clip(clip_key, rng)
+        s, r = self._window(n, rng, same_clip=ref_key == clip_key)
         m, f = cfg.motion_frames, cfg.num_frames
-        frames = schema.decode_frames(record["frames"], list(range(s - m, s + f)) + [r])
+        if ref_key == clip_key:
+            frames = schema.decode_frames(record["frames"], list(range(s - m, s + f)) + [r])
+        else:
+            ref_frames = self.source[ref_key]["frames"]
+            r = int(rng.integers(len(ref_frames)))
+            frames = np.concatenate([schema.decode_frames(record["frames"], list(range(s - m, s + f))),
+                                     schema.decode_frames(ref_frames, [r])])  # fmt: skip
+        motion_is_reference = bool(m) and rng.random() < cfg.motion_as_reference_p
+        if motion_is_reference:
+            frames[:m] = frames[-1]
         landmarks = np.asarray(record["landmarks"], np.float32)[s : s + f]
         if self.size != self.stored_size:
-            frames = _resize(frames, self.size)
+            frames = resize_frames(frames, self.size)
             landmarks = landmarks * (self.size / self.stored_size)
-        layout = record["landmark_layout"]
-        groups = schema.layout_groups(layout.decode() if isinstance(layout, bytes) else str(layout))
+        groups = schema.layout_groups(_text(record["landmark_layout"]))
         size, small = self.size, self.size // cfg.mask_downsample
         try:
             face, lip = masks_lib.masks_from_landmarks(landmarks, size, size, groups["face_oval"], groups["lips"])
             mouth = masks_lib.mouth_mask(landmarks, size, size, groups["lips"], cfg.mouth_scale)
         except ValueError as e:
-            clip_id = record["id"].decode() if isinstance(record["id"], bytes) else record["id"]
+            clip_id = _text(record["id"])
             raise ValueError(f"clip {clip_id!r} (record {clip_key}): {e}") from e
         regions = masks_lib.region_masks(face, lip, (small, small))
         mouth_small = _any_pool(mouth, cfg.mask_downsample)
@@ -285,6 +373,7 @@ class MakeSample(grain.transforms.RandomMap):
 
         drop_all = rng.random() < cfg.drop_all_p
         drops = [drop_all or rng.random() < p for p in (cfg.drop_reference_p, cfg.drop_audio_p, cfg.drop_emotion_p)]
+        emotion_drop = self._emotion_modes(drops[2], rng)
 
         audio = _audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
                               f + 2 * cfg.audio_context_frames)  # fmt: skip
@@ -307,6 +396,9 @@ class MakeSample(grain.transforms.RandomMap):
             "drop_reference": np.bool_(drops[0]),
             "drop_audio": np.bool_(drops[1]),
             "drop_emotion": np.bool_(drops[2]),
+            "emotion_drop": emotion_drop,
+            "motion_is_reference": np.bool_(motion_is_reference),
+            "reference_clip": np.int64(ref_key),
             "action_units": aus[s : s + f] if has_aus else np.zeros((f, schema.NUM_AUS), np.float32),
             "has_action_units": np.bool_(has_aus),
             "clip_key": np.int64(clip_key),
@@ -314,7 +406,7 @@ class MakeSample(grain.transforms.RandomMap):
             "reference_index": np.int32(r),
         }
         if self.tokenizer is not None:
-            text = record["text"].decode() if isinstance(record["text"], bytes) else str(record["text"])
+            text = _text(record["text"])
             ids = np.zeros(cfg.text_length, np.int32)
             tokens = list(self.tokenizer(text))[: cfg.text_length]
             ids[: len(tokens)] = tokens
@@ -323,8 +415,11 @@ class MakeSample(grain.transforms.RandomMap):
         return sample
 
 
-def _resize(frames: np.ndarray, size: int) -> np.ndarray:
-    """``(n, S, S, 3)`` uint8 → ``(n, size, size, 3)`` (PIL area / bicubic resampling)."""
+def resize_frames(frames: np.ndarray, size: int) -> np.ndarray:
+    """``(n, S, S, 3)`` uint8 → ``(n, size, size, 3)`` (PIL area / bicubic resampling): how training
+    samples, evaluation portraits and the reader's frames are all brought to the model's size."""
+    if frames.shape[1] == size:
+        return frames
     from PIL import Image
 
     method = Image.Resampling.BOX if size < frames.shape[1] else Image.Resampling.BICUBIC

@@ -35,7 +35,7 @@ import numpy as np
 
 from moee_jax.data import masks as masks_lib
 from moee_jax.data import synthetic
-from moee_jax.emotions import EMOTIONS, NEUTRAL, canonical_emotion, parse_palette
+from moee_jax.emotions import EMOTIONS, NEUTRAL, canonical_emotion, palette_name, parse_palette
 
 SAMPLE_RATE = 16000
 FPS = 25.0
@@ -119,7 +119,8 @@ def emotion_fields(emotion: str, intensity: float = 1.0) -> dict[str, object]:
 
     A basic emotion or neutral gets its class index in :data:`CLASSES`; a compound (a name such as
     ``happily_surprised``, see :data:`moee_jax.data.synthetic.COMPOUND_EMOTIONS`, or a spec with more
-    than one label) gets class −1. Raises ``ValueError`` naming the emotion when it is unknown.
+    than one label, stored under its canonical spec :func:`~moee_jax.emotions.palette_name`, e.g.
+    ``happiness:0.5,surprise:0.5``) gets class −1. Raises ``ValueError`` naming the emotion when it is unknown.
     """
     name = emotion.strip().lower()
     if name in synthetic.COMPOUND_EMOTIONS:
@@ -128,7 +129,8 @@ def emotion_fields(emotion: str, intensity: float = 1.0) -> dict[str, object]:
             palette[EMOTIONS.index(part)] = 0.5
         return {"emotion": name, "emotion_class": -1, "palette": palette}
     if "," in name or ":" in name:
-        return {"emotion": "mixed", "emotion_class": -1, "palette": parse_palette(name).astype(np.float32)}
+        palette = parse_palette(name).astype(np.float32)
+        return {"emotion": palette_name(palette), "emotion_class": -1, "palette": palette}
     label = canonical_emotion(name)
     palette = parse_palette(label).astype(np.float32)
     return {"emotion": label, "emotion_class": CLASSES.index(label), "palette": palette}

@@ -2,10 +2,13 @@
 
 Every variant is a stage-2 run that starts from the same stage-1 (and VAE / embedder) final
 parameters of a finished run and trains for the same number of steps with the same seed; only the
-ablated piece differs:
+ablated piece differs. The emotion parts (the Emotion MoE of every block, Emotion-to-Latents) start
+fresh in every variant (``train.init_skip``), also where the run's stage 1 trained them jointly
+(the CPU demo's warm-up), so no variant inherits what another did not learn:
 
 =====================  =========================================================================
-``full``               MoEE as trained (the run's own ``stage2``, reused when the steps match)
+``full``               MoEE (the run's own ``stage2`` is reused when its stage 1 trained no
+                       emotion parts and the steps match)
 ``no_moe``             one emotion cross-attention instead of six experts (``moe_variant=single``)
 ``no_global``          no global soft assignment: every expert weighted ``1/6`` (``no_global``)
 ``no_masked_noisy``    no masked noisy emotion sampling (``data.noisy_p = 0``; classes still
@@ -35,6 +38,9 @@ ABLATIONS: dict[str, tuple[str, dict]] = {
     "no_masked_noisy": ("w/o masked noisy sampling", {"data.noisy_p": 0.0, "data.class_balanced": True}),
 }
 
+# What every variant trains from its own initialisation (see the module docstring).
+EMOTION_PARTS = (r"/emotion/", r"^conditioning/latents/")
+
 # (summary path, column title, better) of the table's columns.
 COLUMNS = (
     (("headline", "emotion_accuracy"), "Emo-Acc ↑", "high"),
@@ -59,6 +65,7 @@ def variant_config(stage2: ConfigDict, run_dir: pathlib.Path, variant: str, step
         node[leaf] = value
     earlier = [run_dir / s / "final" for s in ("stage1", "embedder", "vae")]
     c.train.init_from = tuple(str(p) for p in earlier if (p / "params").exists())
+    c.train.init_skip = EMOTION_PARTS
     if steps is not None:
         c.train.steps = int(steps)
     return c
@@ -89,7 +96,8 @@ def run_ablations(
     for variant in variants:
         t0 = time.perf_counter()
         c = variant_config(stage2, run_dir, variant, steps)
-        if variant == "full" and (steps is None or int(steps) == int(stage2.train.steps)):
+        joint = _stage1_trained_emotion(run_dir)
+        if variant == "full" and not joint and (steps is None or int(steps) == int(stage2.train.steps)):
             variant_run = run_dir
         else:
             variant_run = out / variant
@@ -103,6 +111,12 @@ def run_ablations(
     (out / "ablation.json").write_text(json.dumps(results, indent=2, default=float))
     (out / "ablation.md").write_text(table)
     return results | {"table": table}
+
+
+def _stage1_trained_emotion(run_dir: pathlib.Path) -> bool:
+    """Whether the run's stage 1 trained the emotion parts with the backbone (``train.joint_emotion``)."""
+    path = run_dir / "stage1" / "config.json"
+    return path.exists() and bool(json.loads(path.read_text()).get("train", {}).get("joint_emotion", False))
 
 
 def ablation_markdown(results: dict) -> str:

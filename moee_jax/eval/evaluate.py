@@ -23,12 +23,14 @@ import dataclasses
 import json
 import pathlib
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 from PIL import Image
 
 from moee_jax.data import schema, synthetic
+from moee_jax.data.pipeline import resize_frames
+from moee_jax.emotions import palette_name, parse_palette
 from moee_jax.eval import metrics as M
 
 
@@ -95,7 +97,70 @@ def cached_reader(path: str | pathlib.Path, size: int, steps: int):
 
 
 def _resize(frame: np.ndarray, size: int) -> np.ndarray:
-    return np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BOX))
+    return resize_frames(frame[None], size)[0]
+
+
+def compound_record(clips: dict[str, dict], spec: str) -> dict | None:
+    """The held-out ground-truth clip of a compound palette ``spec`` (stored under its canonical
+    name, :func:`moee_jax.emotions.palette_name`), or None when the test split has none."""
+    return clips.get(palette_name(parse_palette(spec)))
+
+
+def ground_truth_ceiling(
+    reader,
+    tests: dict[str, dict[str, dict]],
+    size: int,
+    settings: EvalSettings,
+    *,
+    round_trip: Callable[[np.ndarray], np.ndarray] | None = None,
+    speakers: Sequence[str] | None = None,
+    fps: float = 25.0,
+) -> dict:
+    """The instrument's ceiling: every metric of :func:`evaluate_run` on the held-out *ground-truth*
+    clips, seen as the model sees them — area-shrunk to the model's ``size`` and, with
+    ``round_trip`` (frames ``(F, S, S, 3)`` uint8 → the same, e.g. the run's latent encode/decode),
+    through the latent space. A generated number can only be read against this one: no model scores
+    better than the reader does on the truth.
+
+    Basic emotions: the identity's own test clip of each class; compounds: its clip of each palette
+    of ``settings.compounds`` (missing ones are skipped and listed under ``missing``).
+    """
+    speakers = sorted(tests) if speakers is None else list(speakers)
+    probs, targets, aus, compounds, sync, identity, missing = [], [], [], [], [], [], []
+    for speaker in speakers:
+        clips = tests[speaker]
+        truth = np.asarray(clips["neutral"]["identity"], np.float32)
+
+        def read(record):
+            frames = resize_frames(schema.decode_frames(record["frames"]), size)
+            if round_trip is not None:
+                frames = round_trip(frames)
+            pred = reader.predict(frames)
+            audio = np.asarray(record["audio"], np.float32)
+            sync.append(M.lip_sync(pred["mouth"], audio, fps))
+            identity.append(M.identity_error(pred["identity"], truth))
+            return pred
+
+        for emotion in schema.CLASSES:
+            if emotion not in clips:
+                missing.append(f"{speaker}/{emotion}")
+                continue
+            pred = read(clips[emotion])
+            probs.append(pred["probs"])
+            targets.append(emotion)
+            aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(emotion, 1.0)[2]))
+        for compound, spec in settings.compounds.items():
+            record = compound_record(clips, spec)
+            if record is None:
+                missing.append(f"{speaker}/{spec}")
+                continue
+            pred = read(record)
+            compounds.append(M.compound_components(pred["aus"], compound, probs=pred["probs"]))
+    summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus,
+                          compounds=compounds, lip_sync=sync, identity=identity)  # fmt: skip
+    if missing:
+        summary["missing"] = missing
+    return summary
 
 
 def evaluate_run(
@@ -108,21 +173,33 @@ def evaluate_run(
     videos_dir: str | pathlib.Path | None = None,
     sheet_path: str | pathlib.Path | None = None,
     speakers: Sequence[str] | None = None,
+    animator=None,
+    batch_size: int = 16,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict:
     """Animate and score the held-out clips; returns a :func:`metrics.summarize` dict plus
+    ``ceiling`` (the same metrics on the ground truth: :func:`ground_truth_ceiling`, through the
+    resize and, unless the autoencoder is lossless, ``ceiling_round_trip`` through the run's latent
+    round trip), ``label_effect`` (the mean pixel change, in 0–255 units, when only the label changes:
+    each emotion's video against the neutral one of the same portrait, speech and noise),
     ``speech_only`` (accuracy of speech-derived emotion), ``held_out_identities`` and ``seconds``.
+
+    Labelled and compound clips are driven by the identity's *neutral* clip's speech, and the model
+    takes their emotion from the label alone (the speech source dropped, as in training's label
+    mode): the label is what must carry the emotion. Videos are rendered ``batch_size`` at a time
+    (:meth:`~moee_jax.inference.animate.Animator.render_jobs`); ``animator`` reuses a loaded one.
 
     ``videos_dir``: also write every clip as ``<speaker>_<emotion>.mp4`` (+ JSON sidecar);
     ``sheet_path``: a contact sheet of the first speaker (rows = emotions, columns = frames).
     """
-    from moee_jax.inference.animate import Animator, save_animation
+    from moee_jax.inference.animate import Animation, Animator, save_animation
     from moee_jax.inference.inputs import InputError, Speech, parse_emotion
 
     t0 = time.perf_counter()
     settings = settings or EvalSettings()
     if data_dir is None or dataset is None:
         data_dir, dataset = run_dataset(run_dir)
-    animator = Animator.from_run(run_dir)
+    animator = animator if animator is not None else Animator.from_run(run_dir)
     size = int(animator.config.video.image_size[0])
     if reader.size != size:
         raise ValueError(f"the reader reads {reader.size}² frames but {run_dir} generates {size}²")
@@ -138,54 +215,83 @@ def evaluate_run(
     if videos is not None:
         videos.mkdir(parents=True, exist_ok=True)
 
-    def render(speaker, tag, spec, record):
-        portrait = _resize(schema.decode_frames(tests[speaker]["neutral"]["frames"], [0])[0], size)
-        audio = np.asarray(record["audio"], np.float32)
-        speech = Speech(audio, pathlib.Path(f"{speaker}/{record['id'].decode()}"))
-        anim = animator.animate(
-            portrait, speech, spec, steps=settings.steps, sampler=settings.sampler, guidance=dict(settings.guidance),
-            seed=settings.seed, detect=False,
-        )  # fmt: skip
-        if videos is not None:
-            save_animation(anim, videos / f"{speaker}_{tag}.mp4")
-        return anim.frames, reader.predict(anim.frames), audio
-
-    probs, targets, aus, compounds, sync, identity = [], [], [], [], [], []
-    speech_probs, speech_targets = [], []
-    sheet: list[tuple[str, np.ndarray]] = []
+    # Every video of the evaluation: (speaker, tag, kind, emotion spec, record whose speech drives it).
+    todo = []
     for speaker in speakers:
         clips = tests[speaker]
-        truth = np.asarray(clips["neutral"]["identity"], np.float32)
         for emotion in schema.CLASSES:
-            frames, pred, audio = render(speaker, emotion, parse_emotion(emotion), clips["neutral"])
-            probs.append(pred["probs"])
-            targets.append(emotion)
-            aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(emotion, 1.0)[2]))
-            sync.append(M.lip_sync(pred["mouth"], audio, fps))
-            identity.append(M.identity_error(pred["identity"], truth))
-            if speaker == speakers[0]:
-                sheet.append((emotion, frames))
+            todo.append((speaker, emotion, "basic", parse_emotion(emotion), clips["neutral"]))
         for compound, spec in settings.compounds.items():
-            frames, pred, audio = render(speaker, compound, parse_emotion(spec), clips["neutral"])
-            compounds.append(M.compound_components(pred["aus"], compound, probs=pred["probs"]))
-            sync.append(M.lip_sync(pred["mouth"], audio, fps))
-            identity.append(M.identity_error(pred["identity"], truth))
-            if speaker == speakers[0]:
-                sheet.append((compound, frames))
+            todo.append((speaker, compound, "compound", parse_emotion(spec), clips["neutral"]))
         if takes_speech_emotion:
             for emotion in settings.speech_only_emotions:
-                if emotion not in clips:
-                    continue
-                _, pred, _ = render(speaker, f"speech_{emotion}", parse_emotion(emotion_from_audio=True), clips[emotion])
-                speech_probs.append(pred["probs"])
-                speech_targets.append(emotion)
+                if emotion in clips:
+                    todo.append((speaker, f"speech_{emotion}", "speech", parse_emotion(emotion_from_audio=True), clips[emotion]))
+
+    def job_of(speaker, tag, spec, record):
+        portrait = _resize(schema.decode_frames(tests[speaker]["neutral"]["frames"], [0])[0], size)
+        speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{speaker}/{record['id'].decode()}"))
+        return animator.prepare(portrait, speech, spec, steps=settings.steps, sampler=settings.sampler,
+                                guidance=dict(settings.guidance), seed=settings.seed, detect=False)  # fmt: skip
+
+    rendered: dict[tuple[str, str], np.ndarray] = {}
+    groups: dict[tuple, list] = {}
+    for item in todo:
+        groups.setdefault((item[2] == "speech",), []).append(item)  # one batch shape per emotion-input kind
+    done = 0
+    for items in groups.values():
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            jobs = [job_of(sp, tag, spec, rec) for sp, tag, _, spec, rec in chunk]
+            for (sp, tag, *_), job, frames in zip(chunk, jobs, animator.render_jobs(jobs)):
+                rendered[(sp, tag)] = frames
+                if videos is not None:
+                    settings_json = dict(job.settings, warnings=job.warnings)
+                    save_animation(Animation(frames, job.speech.wave, fps, job.portrait, job.plan, settings_json, job.warnings),
+                                   videos / f"{sp}_{tag}.mp4")  # fmt: skip
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(todo))
+
+    probs, targets, aus, compounds, sync, identity = [], [], [], [], [], []
+    speech_probs, speech_targets, label_effect = [], [], []
+    sheet: list[tuple[str, np.ndarray]] = []
+    for speaker, tag, kind, _, record in todo:
+        frames = rendered[(speaker, tag)]
+        pred = reader.predict(frames)
+        truth = np.asarray(tests[speaker]["neutral"]["identity"], np.float32)
+        audio = np.asarray(record["audio"], np.float32)
+        if kind == "speech":
+            speech_probs.append(pred["probs"])
+            speech_targets.append(tag.removeprefix("speech_"))
+            continue
+        if kind == "basic":
+            probs.append(pred["probs"])
+            targets.append(tag)
+            aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(tag, 1.0)[2]))
+            if tag != schema.NEUTRAL:
+                neutral = rendered[(speaker, schema.NEUTRAL)].astype(np.float32)
+                label_effect.append(float(np.abs(frames.astype(np.float32) - neutral).mean()))
+        else:
+            compounds.append(M.compound_components(pred["aus"], tag, probs=pred["probs"]))
+        sync.append(M.lip_sync(pred["mouth"], audio, fps))
+        identity.append(M.identity_error(pred["identity"], truth))
+        if speaker == speakers[0]:
+            sheet.append((tag, frames))
 
     summary = M.summarize(emotion=M.emotion_accuracy(probs, targets), action_units=aus, compounds=compounds, lip_sync=sync,
                           identity=identity)  # fmt: skip
+    summary["label_effect"] = {"mean_abs_pixel_change": float(np.mean(label_effect)) if label_effect else None,
+                               "num_clips": len(label_effect), "units": "0-255, emotion video vs neutral video, same noise"}  # fmt: skip
+    summary["headline"]["label_pixel_change"] = summary["label_effect"]["mean_abs_pixel_change"]
     if speech_probs:
         speech = M.emotion_accuracy(speech_probs, speech_targets)
         summary["speech_only"] = {k: v for k, v in speech.items() if k != "predictions"}
         summary["headline"]["speech_only_accuracy"] = speech["accuracy"]
+    summary["ceiling"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=fps)
+    if not animator.lossless_latents:
+        summary["ceiling_round_trip"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=fps,
+                                                             round_trip=animator.round_trip)  # fmt: skip
     summary["held_out_identities"] = speakers
     summary["settings"] = dataclasses.asdict(settings)
     summary["seconds"] = round(time.perf_counter() - t0, 1)

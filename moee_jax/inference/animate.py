@@ -15,21 +15,23 @@ compiles once per Animator and emotion kind.
 
 Emotion conditions (:class:`~moee_jax.inference.inputs.EmotionSpec`), for Emotion-to-Latents models:
 
-* ``label`` — the label's weights through the label MLP, the clip's speech features kept (as every
-  training sample had both); the MoE's global gate is the model's own.
-* ``palette`` — the same with the compound weights, which also **replace the global gate** of every
-  Emotion MoE (MoEE's palette: compound emotions from single-emotion experts). Models with the
-  ``single`` MoE variant have no gate; there only the label MLP sees the palette.
-* ``text`` — T5 features of the description (``text_encoder`` folder), label dropped. Only for
-  models with a ``text`` emotion source.
-* ``audio`` — speech only: the label is dropped through Emotion-to-Latents' ``emotion_drop`` flags
-  and the clip's speech features kept. Only for models with a ``speech`` source.
+* ``label`` / ``palette`` — the weights (one-hot for a label, the mix for a compound) through the
+  label MLP, and the same weights as the **global gate** of every Emotion MoE: a label activates its
+  own expert, a palette mixes experts (MoEE's palette: compound emotions from single-emotion
+  experts). The speech emotion source is dropped: the speech a user gives need not carry the
+  emotion asked for, and training conditions label samples the same way
+  (:mod:`moee_jax.data.pipeline`, emotion modes). Models with the ``single`` or ``no_global`` MoE
+  variant ignore the gate.
+* ``text`` — T5 features of the description (``text_encoder`` folder) alone; the learned gate acts.
+  Only for models with a ``text`` emotion source.
+* ``audio`` — speech only: the clip's speech features alone; the learned gate acts. Only for models
+  with a ``speech`` source.
 
 For embedder models (DICE-Talk), ``video`` encodes a reference clip (its face crops and audio) into
 one emotion for the whole video; ``audio`` uses the embedder's audio-only mode on each clip's speech.
 
-The unconditional emotion branch of classifier-free guidance is the model's learned null tokens
-(all modalities dropped), as in training.
+The unconditional emotion branch of classifier-free guidance is what training's dropped emotion is:
+the model's learned null tokens (all modalities dropped) with the learned gate (no palette).
 
 Outputs (:func:`save_animation`) are all-or-nothing: the MP4 (H.264 + AAC, the speech muxed in) and
 its JSON settings sidecar are written under temporary names and renamed; PNG frames go to a
@@ -67,6 +69,7 @@ from moee_jax.inference.sampling import CONDITION_ORDER, ClipConditions, sample_
 from moee_jax.models.audio import AudioProjection
 from moee_jax.models.build import build_backbone
 from moee_jax.models.moee import EmotionConfig, build_moee_from_config
+from moee_jax.models.space_to_depth import SpaceToDepthAutoencoder
 from moee_jax.models.vae import decode_latents, encode_to_latents
 from moee_jax.train.stages import ContextTokens, frame_mel, mel_windows, upsample
 
@@ -151,7 +154,8 @@ class Animator:
         if self.mel_bins < 1:
             raise InputError(f"--checkpoint {source}: config.data.mel_bins={self.mel_bins}; the model has no audio features to drive it")
         self._prepare = jax.jit(self._prepare_fn)
-        self._clip_step = jax.jit(self._clip_step_fn)
+        # Guidance scales are static: a branch a scale gives no weight is then left out of the batch.
+        self._clip_step = jax.jit(self._clip_step_fn, static_argnames=("scales",))
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, text_encoder: str | os.PathLike | None = None) -> Animator:
@@ -163,6 +167,26 @@ class Animator:
         animator = cls(config, params, source=str(run_dir), text_encoder=text_encoder)
         animator.checkpoint = checkpoint
         return animator
+
+    # ---- the latent space ---------------------------------------------------------------------------------------
+
+    @property
+    def lossless_latents(self) -> bool:
+        """Whether the autoencoder is lossless (space-to-depth): its round trip is the identity."""
+        return isinstance(self.vae, SpaceToDepthAutoencoder)
+
+    def round_trip(self, frames: np.ndarray) -> np.ndarray:
+        """Frames ``(N, S, S, 3)`` uint8 through the model's latent encode and decode, as uint8: what
+        the latent space keeps of them (the ceiling of any generated video)."""
+        if not hasattr(self, "_round_trip"):
+
+            def fn(params, x):
+                z = encode_to_latents(self.vae, params, x.astype(jnp.float32) / 127.5 - 1.0)
+                y = decode_latents(self.vae, params, z).astype(jnp.float32)
+                return jnp.clip(jnp.round((y + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+
+            self._round_trip = jax.jit(fn)
+        return np.asarray(self._round_trip(self.params["vae"], jnp.asarray(frames)))
 
     # ---- what the model can take ---------------------------------------------------------------------------------
 
@@ -268,7 +292,7 @@ class Animator:
         ``fold_in(key(seed), k)``, so a clip can be re-rendered with other motion frames."""
         latents, pixels = self._clip_step(
             self.params, job.emotion_inputs, jnp.asarray(job.mel[k : k + 1]), job.ref_latents, job.face_features, motion,
-            job.key, jnp.int32(k), job.plan_arrays, job.scales,
+            job.key[None], jnp.int32(k), job.plan_arrays, scales=tuple(sorted(job.scales.items())),
         )  # fmt: skip
         return latents, np.asarray(pixels[0])
 
@@ -316,15 +340,48 @@ class Animator:
                 progress(k + 1, job.plan.num_clips)
         return np.concatenate(frames)[: job.plan.num_frames]
 
+    def render_jobs(self, jobs: list[Job], progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
+        """Several prepared jobs rendered together, one batched sampler call per clip: each video is
+        what :meth:`render_job` makes of it (its own noise), up to float rounding. The jobs must have
+        the same number of clips, sampler settings and kinds of emotion input (e.g. the clips of one
+        evaluation); ``progress(done, total)`` after each clip. → one ``(T_i, S, S, 3)`` uint8 per job."""
+        if not jobs:
+            return []
+        first = jobs[0]
+        for job in jobs[1:]:
+            if job.plan.num_clips != first.plan.num_clips or sorted(job.emotion_inputs) != sorted(first.emotion_inputs) \
+                    or job.scales != first.scales or job.settings["steps"] != first.settings["steps"] \
+                    or job.settings["sampler"] != first.settings["sampler"]:  # fmt: skip
+                raise ValueError("render_jobs batches jobs with the same clip count, sampler, guidance and emotion-input kinds")
+        emotion = {key: jnp.concatenate([jnp.asarray(j.emotion_inputs[key]) for j in jobs]) for key in first.emotion_inputs}
+        ref = jnp.concatenate([j.ref_latents for j in jobs])
+        faces = jnp.concatenate([j.face_features for j in jobs])
+        keys = jnp.stack([j.key for j in jobs])
+        motion0 = jnp.repeat(ref[:, None], self.motion_frames, axis=1) if self.motion_frames else None
+        frames: list[np.ndarray] = []
+
+        def one_clip(k, motion):
+            mel = jnp.asarray(np.stack([j.mel[k] for j in jobs]))
+            latents, pixels = self._clip_step(self.params, emotion, mel, ref, faces, motion, keys, jnp.int32(k), first.plan_arrays,
+                                              scales=tuple(sorted(first.scales.items())))  # fmt: skip
+            frames.append(np.asarray(pixels))
+            return latents
+
+        for k, _ in roll_clips(one_clip, motion0, first.plan):
+            if progress is not None:
+                progress(k + 1, first.plan.num_clips)
+        video = np.concatenate(frames, axis=1)  # (B, clips·F, S, S, 3)
+        return [video[i, : job.plan.num_frames] for i, job in enumerate(jobs)]
+
     # ---- conditioning inputs ---------------------------------------------------------------------------------------
 
     def emotion_inputs(self, spec: EmotionSpec, *, detect: bool = True) -> dict[str, np.ndarray]:
         """The per-video (clip-independent) emotion inputs of the conditioning, batch 1.
 
         Emotion-to-Latents models: ``emotion_label (1, 6)`` (zeros when the label is dropped),
-        ``emotion_drop (1, 3)`` flags over (text, speech, label) — True drops; speech, when a source,
-        is each clip's own and added per clip — ``text_features (1, L, D)`` + ``text_mask``, and
-        ``palette (1, 6)`` for a compound palette. Embedder models: ``expression_frames
+        ``emotion_drop (1, 3)`` flags over (text, speech, label) — True drops; speech, when kept, is
+        each clip's own and added per clip — ``text_features (1, L, D)`` + ``text_mask``, and the
+        MoE gate's ``palette (1, 6)`` with ``palette_keep (1,)`` (True for a label or palette). Embedder models: ``expression_frames
         (1, F, S, S, 3)`` in [-1, 1], ``mouth_mask (1, F, S, S)`` and ``embedder_audio (1, F, n_mels)``
         (when the reference clip has sound) for ``video``; nothing for ``audio`` (each clip's speech).
         """
@@ -334,15 +391,16 @@ class Animator:
         weights = np.zeros(NUM_EMOTIONS, np.float32) if spec.weights is None else np.asarray(spec.weights, np.float32)
         keep_label = spec.kind in ("label", "palette")
         keep_text = spec.kind == "text"
-        keep_speech = "speech" in self.emotion.sources
+        keep_speech = spec.kind == "audio"
         out = {
             "emotion_label": weights[None],
             "emotion_drop": np.array([[not keep_text, not keep_speech, not keep_label]]),
+            # The label's weights set the MoE's global gate; without a label the learned gate acts.
+            "palette": weights[None],
+            "palette_keep": np.array([keep_label]),
         }
         if keep_text:
             out["text_features"], out["text_mask"] = self._encode_text(spec.text)
-        if spec.palette is not None and self.emotion.moe_variant != "single":
-            out["palette"] = np.asarray(spec.palette, np.float32)[None]
         return out
 
     def _encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
@@ -436,7 +494,7 @@ class Animator:
         else:
             if "speech" in self.emotion.sources:
                 batch["speech_features"] = per_frame
-            unconditional = {k: v for k, v in batch.items() if k not in ("audio_windows", "palette")}
+            unconditional = {k: v for k, v in batch.items() if k != "audio_windows"}
             unconditional["emotion_drop"] = jnp.ones_like(batch["emotion_drop"])
             null = self.model.conditioning.apply({"params": params["conditioning"]}, unconditional, train=False).emotion.tokens
         out = self.model.conditioning.apply({"params": params["conditioning"]}, batch, train=False)
@@ -448,7 +506,7 @@ class Animator:
             null_audio = projection.apply({"params": params["conditioning"]["audio_projection"]}, silent)
         return ClipConditions(
             ref_latents=ref_latents,
-            context=self.context.apply({"params": params["context"]}, 1),
+            context=self.context.apply({"params": params["context"]}, ref_latents.shape[0]),
             audio=out.audio,
             null_audio=null_audio,
             emotion=out.emotion,
@@ -457,14 +515,16 @@ class Animator:
             face_locator=face_features,
         )
 
-    def _clip_step_fn(self, params, emotion_inputs, mel, ref_latents, face_features, motion, key, k, plan, scales):
-        """One clip: conditions → guided sampling → decoding. → latents ``(1, F, h, w, C)`` and
-        frames ``(1, F, S, S, 3)`` uint8."""
+    def _clip_step_fn(self, params, emotion_inputs, mel, ref_latents, face_features, motion, keys, k, plan, scales: tuple):
+        """Clip ``k`` of ``B`` videos at once: conditions → guided sampling → decoding. ``keys (B,)``:
+        each video's own noise key, so a video's noise does not depend on what it is batched with.
+        → latents ``(B, F, h, w, C)`` and frames ``(B, F, S, S, 3)`` uint8."""
         cond = self.clip_conditions(params, emotion_inputs, mel, ref_latents, face_features, motion)
-        r_noise, r_sampler = jax.random.split(jax.random.fold_in(key, k))
-        shape = (1, self.clip_frames) + ref_latents.shape[1:]
-        x_T = jax.random.normal(r_noise, shape, jnp.float32).astype(ref_latents.dtype)
-        scales = {name: scales[name] for name in cond.present()}
+        split = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k)))(keys)  # (B, 2) keys
+        shape = (self.clip_frames,) + ref_latents.shape[1:]
+        x_T = jax.vmap(lambda r: jax.random.normal(r, shape, jnp.float32))(split[:, 0]).astype(ref_latents.dtype)
+        r_sampler = split[0, 1]
+        scales = {name: value for name, value in scales if name in cond.present()}
         latents = sample_clip(
             self.model.unet, params["unet"], self.model.refnet, params["reference_net"], cond, plan, scales, x_T, r_sampler
         )

@@ -280,7 +280,7 @@ class EmotionSpec:
              (a compound ``happy:0.6,surprised:0.4``), ``text`` (a description), ``audio`` (from
              the speech itself), ``video`` (a reference clip, embedder models)
     weights  (6,) over EMOTIONS — the label MLP's input (label / palette)
-    palette  (6,) — the MoE global-gate override (compound palettes only), else None
+    palette  (6,) — the MoE's global gate (the same weights, label and palette), else None
     """
 
     kind: str
@@ -311,10 +311,10 @@ def parse_emotion(
 ) -> EmotionSpec:
     """Exactly one emotion source → :class:`EmotionSpec`.
 
-    ``emotion`` is a label or palette spec (:func:`moee_jax.emotions.parse_palette`). A spec of two or
-    more items is a compound palette: its weights feed the label MLP *and* replace the MoE's global
-    gate (MoEE's palette); a single label (``happy``, ``happy:1``) feeds the label MLP only and the
-    gate stays the model's own. ``neutral`` is the all-zero label.
+    ``emotion`` is a label or palette spec (:func:`moee_jax.emotions.parse_palette`). Its weights feed
+    the label MLP *and* set the MoE's global gate: a label (``happy``, ``happy:1``) activates its own
+    expert, a spec of two or more items is a compound palette that mixes experts (MoEE's palette).
+    ``neutral`` is the all-zero label: no expert.
     """
     given = [
         name
@@ -338,7 +338,7 @@ def parse_emotion(
         except ValueError as e:
             raise InputError(f"--emotion {emotion!r}: {e}") from None
         compound = len([item for item in emotion.split(",") if item.strip()]) > 1
-        return EmotionSpec("palette" if compound else "label", weights, weights if compound else None, spec=emotion)
+        return EmotionSpec("palette" if compound else "label", weights, weights, spec=emotion)
     if emotion_text is not None:
         if not emotion_text.strip():
             raise InputError("--emotion_text is empty; describe the emotion, e.g. 'a cheerful, excited person'")

@@ -6,7 +6,7 @@ Conditions are guided in the fixed order ``reference → audio → emotion`` (ne
 of the nesting. A dropped condition is what training saw when it dropped it: reference — masked
 out of the self-attention K/V; audio — the tokens of all-zero audio windows (``null_audio``; zero
 tokens when not given); emotion — the model's learned null tokens (``null_emotion``; zero tokens
-when not given).
+when not given) and no palette on the Emotion MoE's gate (its gate network acts).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moee_jax.diffusion.guidance import guided_model_fn
 from moee_jax.diffusion.samplers import DDIMPlan, DPMSolverPlan, run_sampler
@@ -61,12 +62,13 @@ def _tile(x: jax.Array | None, n: int) -> jax.Array | None:
 def branch_denoiser(
     unet: VideoUNet, params, cond: ClipConditions, features: dict, names: tuple[str, ...]
 ) -> Callable[[jax.Array, jax.Array, jax.Array], jax.Array]:
-    """The ``model_fn_batched(x, t, keep)`` of :func:`guided_model_fn` for these conditions."""
-    n = len(names) + 1
-    tiled_features = jax.tree_util.tree_map(lambda f: _tile(f, n), features)
-    context = _tile(cond.context, n)
+    """The ``model_fn_batched(x, t, keep)`` of :func:`guided_model_fn` for these conditions (as many
+    branches as ``x`` has rows per clip: all of them, or those :func:`guided_model_fn` kept)."""
 
     def fn(x, t, keep):
+        n = x.shape[0] // cond.ref_latents.shape[0]
+        tiled_features = jax.tree_util.tree_map(lambda f: _tile(f, n), features)
+        context = _tile(cond.context, n)
         flags = {name: keep[:, i] for i, name in enumerate(names)}
         kw = {}
         if cond.audio is not None:
@@ -79,8 +81,12 @@ def branch_denoiser(
             null = jnp.zeros_like(tokens) if cond.null_emotion is None else cond.null_emotion
             tokens = jnp.where(flags["emotion"][:, None, None], _tile(tokens, n), _tile(null, n))
             if isinstance(cond.emotion, EmotionCondition):
-                # A palette steers the expert mix in every branch; only the tokens are dropped.
-                kw["emotion"] = EmotionCondition(tokens, _tile(cond.emotion.palette, n))
+                # The palette sets the gate where the emotion is kept; the dropped branch has none.
+                e = cond.emotion
+                keep = flags["emotion"]
+                if e.palette is not None and e.palette_keep is not None:
+                    keep = keep & _tile(e.palette_keep, n)
+                kw["emotion"] = EmotionCondition(tokens, _tile(e.palette, n), None if e.palette is None else keep)
             else:
                 kw["emotion"] = tokens
         return unet.apply(
@@ -113,13 +119,19 @@ def sample_clip(
 
     ``scales`` maps each present condition to its guidance scale. ReferenceNet runs here, once,
     outside the sampler's loop. Jit with ``unet``, ``refnet`` static (see :func:`make_clip_sampler`).
+    Python-number scales are known at trace time, so branches they give no weight are not run
+    (:func:`~moee_jax.diffusion.guidance.branch_weights`); traced scales run every branch.
     """
     names = cond.present()
     missing = [name for name in names if name not in scales]
     if missing:
         raise ValueError(f"guidance scales missing for condition(s) {missing}; given {sorted(scales)}")
     features = reference_features(refnet, ref_params, cond.ref_latents, cond.context)
-    scale_vector = jnp.stack([jnp.asarray(scales[n], jnp.float32) for n in names])
+    values = [scales[n] for n in names]
+    if all(isinstance(v, (int, float)) for v in values):
+        scale_vector = np.asarray(values, np.float32)
+    else:
+        scale_vector = jnp.stack([jnp.asarray(v, jnp.float32) for v in values])
     model_fn = guided_model_fn(branch_denoiser(unet, params, cond, features, names), scale_vector)
     return run_sampler(plan, model_fn, x_T, rng)
 

@@ -12,8 +12,11 @@ from ml_collections import ConfigDict
 from moee_jax.models.face_locator import FaceLocator
 from moee_jax.models.init import init_unet_params
 from moee_jax.models.reference import reference_config
+from moee_jax.models.space_to_depth import SpaceToDepthAutoencoder
 from moee_jax.models.unet import UNetConfig, VideoUNet
 from moee_jax.models.vae import AutoencoderKL
+
+AUTOENCODER_KINDS = ("kl", "space_to_depth")
 
 PARTS = ("vae", "unet", "reference_net", "face_locator")
 
@@ -22,22 +25,46 @@ PARTS = ("vae", "unet", "reference_net", "face_locator")
 class Backbone:
     """The modules of the latent video diffusion backbone."""
 
-    vae: AutoencoderKL
+    vae: AutoencoderKL | SpaceToDepthAutoencoder
     unet: VideoUNet
     refnet: VideoUNet
     face_locator: FaceLocator
+
+
+def build_autoencoder(vae_config, dtype=jnp.float32) -> AutoencoderKL | SpaceToDepthAutoencoder:
+    """The autoencoder of ``config.model.vae``: ``kind="kl"`` (SD's KL VAE, the default) or
+    ``kind="space_to_depth"`` (lossless, ``factor``; :mod:`moee_jax.models.space_to_depth`)."""
+    fields = dict(vae_config)
+    kind = fields.pop("kind", "kl")
+    if kind == "kl":
+        return AutoencoderKL(**fields, dtype=dtype)
+    if kind == "space_to_depth":
+        vae = SpaceToDepthAutoencoder(factor=int(fields.get("factor", 2)), in_channels=int(fields.get("in_channels", 3)))
+        if int(fields.get("latent_channels", vae.latent_channels)) != vae.latent_channels:
+            raise ValueError(
+                f"config.model.vae.latent_channels={fields['latent_channels']}, but space-to-depth with factor {vae.factor} makes "
+                f"{vae.latent_channels} channels of {vae.in_channels}; set latent_channels={vae.latent_channels}"
+            )
+        return vae
+    raise ValueError(f"config.model.vae.kind={kind!r}; choose one of {AUTOENCODER_KINDS}")
 
 
 def build_backbone(config: ConfigDict) -> Backbone:
     """Modules for ``config.model`` (see ``configs/backbone.py``) in compute dtype ``config.dtype``."""
     dtype = jnp.dtype(config.dtype)
     unet_cfg = UNetConfig.from_dict(config.model.unet.to_dict())
-    vae = AutoencoderKL(**config.model.vae.to_dict(), dtype=dtype)
-    if 2 ** (len(config.model.face_locator.channels) - 1) != 2 ** (len(vae.block_out_channels) - 1):
+    vae = build_autoencoder(config.model.vae.to_dict(), dtype)
+    if unet_cfg.in_channels != vae.latent_channels:
+        raise ValueError(
+            f"config.model.unet.in_channels={unet_cfg.in_channels} but the autoencoder makes {vae.latent_channels}-channel "
+            "latents; set model.unet.in_channels and out_channels to the latent channels"
+        )
+    locator_factor = 2 ** (len(config.model.face_locator.channels) - 1)
+    if locator_factor != vae.downsample_factor:
         raise ValueError(
             f"config.model.face_locator.channels={tuple(config.model.face_locator.channels)} downsamples "
-            f"{2 ** (len(config.model.face_locator.channels) - 1)}× but the VAE downsamples "
-            f"{2 ** (len(vae.block_out_channels) - 1)}×; give one more channel entry than the VAE has downsamplings"
+            f"{locator_factor}× but the autoencoder downsamples {vae.downsample_factor}×; give one more channel "
+            "entry than the autoencoder has downsamplings"
         )
     return Backbone(
         vae=vae,
@@ -49,7 +76,7 @@ def build_backbone(config: ConfigDict) -> Backbone:
 
 def init_part(backbone: Backbone, part: str, rng: jax.Array) -> dict:
     """Fresh unboxed params of one part in :data:`PARTS`."""
-    side = 2 ** (len(backbone.vae.block_out_channels) - 1)
+    side = backbone.vae.downsample_factor
     if part == "vae":
         variables = jax.jit(lambda r: backbone.vae.init(r, jnp.zeros((1, side, side, backbone.vae.in_channels))))(rng)
     elif part == "face_locator":

@@ -15,7 +15,9 @@ Batch keys (per clip, batch B; all features precomputed by the frozen encoders):
   emotion_label (B, 6) · text_features (B, Lt, D_t) [+ text_mask] · speech_features (B, Ls, D_s)
   [+ speech_mask] · emotion_drop (B, 3)                      Emotion-to-Latents inputs
   embedder_audio (B, N, D_e) · expression_frames (B, N, H, W, 3) · mouth_mask (B, N, H, W)
-  palette (B, 6)                                             compound-emotion override of g
+  palette (B, 6) [+ palette_keep (B,)]                      the Emotion MoE's global gate where kept
+                                                             (the label's palette in training, a
+                                                             compound at inference)
   motion_frames (B, M, h, w, C) · face_locator (B, F, h, w, C0)   optional backbone inputs
 """
 
@@ -167,19 +169,23 @@ class Conditioning(nn.Module):
                 audio_mask=batch.get("speech_mask"),
                 drop=batch.get("emotion_drop"),
             )
-        return ConditioningOutput(audio, EmotionCondition(tokens, batch.get("palette")), vq_loss, mu, sigma)
+        emotion = EmotionCondition(tokens, batch.get("palette"), batch.get("palette_keep"))
+        return ConditioningOutput(audio, emotion, vq_loss, mu, sigma)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class MoEEOutput:
-    """Denoiser prediction ``(B, F, h, w, C)`` and the auxiliary outputs of the conditioning paths."""
+    """Denoiser prediction ``(B, F, h, w, C)`` and the auxiliary outputs of the conditioning paths:
+    discriminator logits, the bank's VQ loss, the embedder's μ/σ, and the Emotion MoE layers' gate
+    logits (a tuple, one ``(B·(M+F), 7)`` array per layer; empty without a gate network)."""
 
     prediction: jax.Array
     emotion_logits: jax.Array | None
     vq_loss: jax.Array | None
     emotion_mu: jax.Array | None
     emotion_sigma: jax.Array | None
+    gate_logits: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,18 +237,29 @@ class MoEE:
         if not use_emotion:
             kwargs["emotion"] = None
         logits = None
-        if self.discriminator is None:
-            pred = self.unet.apply({"params": params["unet"]}, noisy, timesteps, batch["context"], **kwargs)
-        else:
-            pred, inter = self.unet.apply(
-                {"params": params["unet"]}, noisy, timesteps, batch["context"], **kwargs, mutable=["intermediates"]
-            )
-            features = inter["intermediates"]["mid_features"][0]
+        pred, inter = self.unet.apply(
+            {"params": params["unet"]}, noisy, timesteps, batch["context"], **kwargs, mutable=["intermediates"]
+        )
+        inter = inter.get("intermediates", {})
+        if self.discriminator is not None:
+            features = inter["mid_features"][0]
             frames = features.shape[0] // noisy.shape[0]
             logits = self.discriminator.apply(
                 {"params": params["discriminator"]}, features.reshape((noisy.shape[0], frames) + features.shape[1:])
             )
-        return MoEEOutput(pred, logits, cond.vq_loss, cond.emotion_mu, cond.emotion_sigma)
+        gate_logits = tuple(_sown(inter, "global_gate_logits"))
+        return MoEEOutput(pred, logits, cond.vq_loss, cond.emotion_mu, cond.emotion_sigma, gate_logits)
+
+
+def _sown(tree, name: str) -> list[jax.Array]:
+    """Every value sown under ``name`` anywhere in an intermediates tree, in tree order."""
+    out = []
+    for key, value in (tree.items() if isinstance(tree, dict) else ()):
+        if key == name:
+            out.extend(value)
+        else:
+            out.extend(_sown(value, name))
+    return out
 
 
 def _unet_kwargs(batch: dict, cond: ConditioningOutput, feats: dict) -> dict:

@@ -18,6 +18,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moee_jax.models.latent_norm import LatentNorm
 from moee_jax.nn.attention import dot_product_attention
 from moee_jax.nn.layers import conv, dense
 from moee_jax.nn.norms import group_norm
@@ -183,7 +184,12 @@ class AutoencoderKL(nn.Module):
 
     ``encode``: image (B, H, W, in_channels) in [-1, 1] → ``(mean, logvar)``, each
     (B, H/2^(n-1), W/2^(n-1), latent_channels), unscaled. ``decode``: unscaled latent → image.
-    ``__call__`` is ``decode(encode(x).mean)``, used to initialise every parameter.
+    ``__call__`` is the whole round trip ``decode(denormalise(normalise(encode(x).mean)))``, used to
+    initialise every parameter.
+
+    ``latent_norm`` (:class:`~moee_jax.models.latent_norm.LatentNorm`) holds the diffusion-latent
+    statistics: SD's ``scaling_factor`` for converted SD weights, the measured ``1/std`` (and mean)
+    for a VAE trained here (:func:`~moee_jax.models.latent_norm.measure_latent_norm`).
     """
 
     in_channels: int = 3
@@ -222,6 +228,12 @@ class AutoencoderKL(nn.Module):
             self.quant_conv = conv(2 * self.latent_channels, 1, name="quant_conv", dtype=self.dtype)
         if self.use_post_quant_conv:
             self.post_quant_conv = conv(self.latent_channels, 1, name="post_quant_conv", dtype=self.dtype)
+        self.latent_norm = LatentNorm(self.latent_channels, self.scaling_factor)
+
+    @property
+    def downsample_factor(self) -> int:
+        """Pixels per latent cell along each side: ``2^(n-1)``."""
+        return 2 ** (len(self.block_out_channels) - 1)
 
     def encode(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
         """(B, H, W, in_channels) → ``mean, logvar`` (B, h, w, latent_channels), logvar clipped to [-30, 20]."""
@@ -239,7 +251,7 @@ class AutoencoderKL(nn.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         mean, _ = self.encode(x)
-        return self.decode(mean)
+        return self.decode(self.latent_norm.denormalise(self.latent_norm.normalise(mean)))
 
 
 def sample_latent(rng: jax.Array, mean: jax.Array, logvar: jax.Array) -> jax.Array:
@@ -259,24 +271,26 @@ def _per_frame(fn: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
     return y.reshape(b, f, *y.shape[1:])
 
 
-def encode_to_latents(vae: AutoencoderKL, params, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """Images or videos in [-1, 1], ``(B, [F,] H, W, C)`` → diffusion latents ``(B, [F,] h, w, 4)``.
+def encode_to_latents(vae, params, images: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """Images or videos in [-1, 1], ``(B, [F,] H, W, C)`` → diffusion latents ``(B, [F,] h, w, C_lat)``.
 
-    The posterior mean when ``rng`` is None, else a sample from it; multiplied by ``scaling_factor``.
+    The posterior mean when ``rng`` is None, else a sample from it, normalised by the autoencoder's
+    ``latent_norm`` (``(z − shift) · scale``). ``vae`` is any autoencoder of
+    :func:`moee_jax.models.build.build_autoencoder` (KL or space-to-depth).
     """
 
     def encode(x: jax.Array) -> jax.Array:
-        mean, logvar = vae.apply({"params": params}, x, method=AutoencoderKL.encode)
+        mean, logvar = vae.apply({"params": params}, x, method=type(vae).encode)
         z = mean if rng is None else sample_latent(rng, mean, logvar)
-        return z * vae.scaling_factor
+        return vae.apply({"params": params}, z, method=lambda m, z: m.latent_norm.normalise(z))
 
     return _per_frame(encode, images)
 
 
-def decode_latents(vae: AutoencoderKL, params, latents: jax.Array) -> jax.Array:
-    """Diffusion latents ``(B, [F,] h, w, 4)`` → images ``(B, [F,] H, W, C)``, undoing ``scaling_factor``."""
+def decode_latents(vae, params, latents: jax.Array) -> jax.Array:
+    """Diffusion latents ``(B, [F,] h, w, C_lat)`` → images ``(B, [F,] H, W, C)``, undoing ``latent_norm``."""
 
     def decode(z: jax.Array) -> jax.Array:
-        return vae.apply({"params": params}, z / vae.scaling_factor, method=AutoencoderKL.decode)
+        return vae.apply({"params": params}, z, method=lambda m, z: m.decode(m.latent_norm.denormalise(z)))
 
     return _per_frame(decode, latents)

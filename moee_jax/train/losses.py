@@ -5,9 +5,16 @@ Emotion objectives of DICE-Talk (Tan et al. 2025, arXiv 2504.18087):
 * :func:`info_nce` — the embedder's contrastive loss, eqs. 7–8;
 * :func:`vq_loss` — the emotion-bank loss, eq. 17;
 * :func:`emotion_classification_loss` — the emotion discrimination objective, eq. 16.
+
+The MoEE gate objective:
+
+* :func:`gate_loss` — teaches each Emotion MoE layer's gate network to predict the palette that
+  drives it in training (:mod:`moee_jax.models.emotion_moe`), so it can act where none is given.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -67,3 +74,31 @@ def emotion_classification_loss(logits: jax.Array, labels: jax.Array) -> jax.Arr
     """
     log_p = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     return -jnp.mean(jnp.take_along_axis(log_p, labels[:, None].astype(jnp.int32), axis=-1))
+
+
+def gate_targets(palette: jax.Array) -> jax.Array:
+    """``(B, E)`` palettes → ``(B, E + 1)`` gate targets: the palette and its "none" share ``1 − Σ``."""
+    palette = palette.astype(jnp.float32)
+    return jnp.concatenate([palette, jnp.clip(1.0 - palette.sum(-1, keepdims=True), 0.0, 1.0)], axis=-1)
+
+
+def gate_loss(logits: Sequence[jax.Array], palette: jax.Array, weight: jax.Array | None = None) -> jax.Array:
+    """Cross-entropy of every MoE layer's global gate against the clip's palette; scalar.
+
+    ``logits``: per layer ``(N, E + 1)`` with ``N = B·F`` frame-folded rows (row ``b·F + f``);
+    ``palette (B, E)``; ``weight (B,)`` per clip (e.g. 0 for a compound, whose palette the gate is not
+    meant to guess), default 1. The target of every frame of clip ``b`` is
+    :func:`gate_targets`\ ``(palette)[b]``; the loss is ``−Σ_k target_k · log softmax(logits)_k``,
+    averaged over frames, then weighted over clips, then over layers.
+    """
+    if not logits:
+        return jnp.zeros((), jnp.float32)
+    target = gate_targets(palette)  # (B, E + 1)
+    b = target.shape[0]
+    w = jnp.ones((b,), jnp.float32) if weight is None else weight.astype(jnp.float32)
+    per_layer = []
+    for layer in logits:
+        log_p = jax.nn.log_softmax(layer.astype(jnp.float32), axis=-1).reshape(b, -1, target.shape[-1])  # (B, F, E + 1)
+        ce = -jnp.sum(target[:, None] * log_p, axis=-1).mean(axis=1)  # (B,)
+        per_layer.append(jnp.sum(w * ce) / jnp.maximum(w.sum(), 1e-6))
+    return jnp.mean(jnp.stack(per_layer))

@@ -27,13 +27,14 @@ def is_trainable(path: str, trainable: Sequence[str], frozen: Sequence[str] = ()
 def split_params(params: dict, trainable: Sequence[str], frozen: Sequence[str] = ()) -> tuple[dict, dict]:
     """``params`` → ``(trainable subtree, frozen subtree)``, both nested dicts (leaves may be boxed).
 
-    Raises ``ValueError`` naming the patterns when nothing is trainable.
+    Raises ``ValueError`` naming the patterns when they match nothing (no patterns at all is a
+    stage with nothing to train, e.g. the space-to-depth autoencoder's).
     """
     flat = traverse_util.flatten_dict(params)
     train, keep = {}, {}
     for path, leaf in flat.items():
         (train if is_trainable(path_str(path), trainable, frozen) else keep)[path] = leaf
-    if not train:
+    if not train and trainable:
         raise ValueError(
             f"no parameter matches the trainable patterns {list(trainable)} (minus {list(frozen)}); "
             f"top-level parts are {sorted({p[0] for p in flat})}"

@@ -6,11 +6,15 @@ and trains the subset its patterns name (:mod:`moee_jax.train.partition`):
 =========  ===============================================  ==========================================
 stage      parts held                                       trained
 =========  ===============================================  ==========================================
-vae        vae                                              all (L1 + KL + perceptual reconstruction)
+vae        vae                                              all but ``latent_norm`` (L1 + KL + perceptual
+                                                            reconstruction); then ``latent_norm`` is
+                                                            measured on data (space-to-depth: only that)
 embedder   embedder                                         all (DICE-Talk InfoNCE, eq. 8)
 stage1     vae, face_locator, context, reference_net,       ReferenceNet, U-Net (without its emotion
            unet, conditioning                               experts), face locator, context, audio
-                                                            projection; the VAE is frozen
+                                                            projection; the VAE is frozen. With
+                                                            ``train.joint_emotion`` (a warm-up for small
+                                                            demos) the emotion parts train too
 stage2     stage1's parts (+ discriminator, + embedder      the Emotion MoE in every block,
            when the emotion source is the embedder)         Emotion-to-Latents / embedder + bank,
                                                             discriminator; everything else frozen
@@ -26,6 +30,14 @@ Diffusion losses (stages 1–2), MoEE §3.5:
   LPIPS needs VGG16 + LPIPS weights (``train.perceptual.vgg`` / ``.lin``); without them the
   perceptual term is off (the trainer warns) and only L1 remains.
 * ``L_cls`` (DICE-Talk eq. 16) on the discriminator's logits, ``L_vq`` (eq. 17) from the bank.
+* ``L_gate`` (:func:`moee_jax.train.losses.gate_loss`, weight ``train.gate_weight``) wherever the
+  Emotion MoE trains: every layer's gate network against the clip's palette.
+
+Diagnostics (:attr:`Stage.diagnostics`, logged by the trainer every ``log_every`` steps): for the
+diffusion stages with an emotion condition, the denoising loss on the same noise and timesteps with
+the true emotion labels, with the labels shuffled across the batch, and with the emotion dropped.
+``shuffle_gap = L(shuffled) − L(true)`` must grow above 0: a model whose loss does not move when its
+condition changes does not use it.
 
 The batch is the grain pipeline's (:mod:`moee_jax.data.pipeline`) as device arrays; pixels are
 uint8 and converted here, inside the jitted step.
@@ -35,16 +47,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moee_jax.diffusion import schedules
 from moee_jax.models.build import build_backbone
 from moee_jax.models.emotion_embedder import GaussianEmotionEmbedder
 from moee_jax.models.moee import EmotionConfig, build_moee_from_config
+from moee_jax.models.latent_norm import measure_latent_norm
+from moee_jax.models.space_to_depth import SpaceToDepthAutoencoder
 from moee_jax.models.vae import AutoencoderKL, decode_latents, encode_to_latents, sample_latent
 from moee_jax.nn.layers import partitioned
 from moee_jax.train import losses
@@ -63,6 +78,10 @@ class Stage:
     frozen: tuple[str, ...]
     init: Callable[[jax.Array, dict], dict]  # (rng, example batch) → boxed params of ``parts``
     loss: Callable[..., tuple[jax.Array, dict]]
+    # (params, batch, rng) → scalar metrics, run by the trainer at log steps (jitted on its own)
+    diagnostics: Callable[..., dict] | None = None
+    # (params, batches) → params: after the last step, before the export (measured statistics)
+    finalize: Callable[[dict, Iterable[dict]], dict] | None = None
 
 
 class ContextTokens(nn.Module):
@@ -134,12 +153,27 @@ def make_stage(config) -> Stage:
 
 def _vae_stage(config) -> Stage:
     backbone = build_backbone(config)
-    vae: AutoencoderKL = backbone.vae
+    vae = backbone.vae
     t = config.train
 
     def init(rng, batch):
         x = to_unit(batch["frames"][:1, 0])
         return {"vae": vae.init(rng, x)["params"]}
+
+    raw_latents = jax.jit(lambda p, x: vae.apply({"params": p}, to_unit(x), method=type(vae).encode)[0])
+
+    def finalize(params, batches):
+        """``latent_norm`` from the raw latents of the training frames (LDM's 1/std; see latent_norm.py)."""
+        frames = [np.asarray(b["frames"]).reshape((-1,) + np.shape(b["frames"])[2:]) for b in batches]
+        z = np.concatenate([np.asarray(raw_latents(params["vae"], f)) for f in frames])
+        vae_params = dict(params["vae"], latent_norm=measure_latent_norm(z))
+        return dict(params, vae=vae_params)
+
+    if isinstance(vae, SpaceToDepthAutoencoder):
+        def no_loss(params, batch, rng, extra):  # nothing to learn: a lossless rearrangement
+            return jnp.zeros((), jnp.float32), {}
+
+        return Stage("vae", ("vae",), (), (r"^vae/",), init, no_loss, finalize=finalize)
 
     def loss(params, batch, rng, extra):
         x = to_unit(batch["frames"][:, : t.vae_frames], vae.dtype)
@@ -157,7 +191,7 @@ def _vae_stage(config) -> Stage:
             total = total + t.perceptual.weight * perceptual
         return total, metrics
 
-    return Stage("vae", ("vae",), (r"^vae/",), (), init, loss)
+    return Stage("vae", ("vae",), (r"^vae/",), (r"^vae/latent_norm/",), init, loss, finalize=finalize)
 
 
 def _embedder_module(config) -> GaussianEmotionEmbedder:
@@ -204,17 +238,23 @@ def _diffusion_stage(config, name: str) -> Stage:
     schedule = schedules.make_schedule(**config.diffusion.to_dict())
     t_cfg, data = config.train, config.data
     stage2 = name == "stage2"
+    # Stage 1 trains the backbone alone (MoEE); ``joint_emotion`` trains the emotion parts with it.
+    with_emotion = stage2 or bool(t_cfg.get("joint_emotion", False))
     uses_embedder = e.sources == ("embedder",)
-    factor = 2 ** (len(vae.block_out_channels) - 1)
+    factor = vae.downsample_factor
     if data.mask_downsample != factor:
-        raise ValueError(f"config.data.mask_downsample={data.mask_downsample} must equal the VAE's downsampling {factor}")
+        raise ValueError(f"config.data.mask_downsample={data.mask_downsample} must equal the autoencoder's downsampling {factor}")
 
     parts = ["vae", "face_locator", "context", "reference_net", "unet", "conditioning"]
     if stage2 and e.discriminator:
         parts.append("discriminator")
 
     def model_inputs(params, batch, drop: bool = True):
-        """Latents and the MoEE batch dict from a pipeline batch (VAE frozen: no gradient)."""
+        """Latents and the MoEE batch dict from a pipeline batch (VAE frozen: no gradient).
+
+        ``drop=False`` keeps every condition (reference, audio) and conditions the emotion on the
+        label alone, as ``moee animate --emotion`` does.
+        """
         vae_p = jax.lax.stop_gradient(params["vae"])
         frames = to_unit(batch["frames"])
         lat = jax.lax.stop_gradient(encode_to_latents(vae, vae_p, frames))
@@ -232,17 +272,21 @@ def _diffusion_stage(config, name: str) -> Stage:
         m["audio_windows"] = windows * keep_audio[:, None, None, None, None].astype(windows.dtype)
         m["reference_keep"] = ~batch["drop_reference"] if drop else jnp.ones((b,), bool)
         per_frame_mel = frame_mel(batch["mel"], f, data.audio_context_frames)
+        m["palette"] = batch["palette"]
         if uses_embedder:
             m["embedder_audio"] = per_frame_mel
             m["expression_frames"] = frames
             m["mouth_mask"] = upsample(batch["mouth_mask"], factor)
+            m["palette_keep"] = jnp.zeros((b,), bool)  # the emotion comes from the clip: the learned gate acts
         else:
             m["emotion_label"] = batch["palette"]
             m["speech_features"] = per_frame_mel
             if "text_features" in batch:
                 m["text_features"], m["text_mask"] = batch["text_features"], batch["text_mask"]
-            drop_e = batch["drop_emotion"] if drop else jnp.zeros((b,), bool)
-            m["emotion_drop"] = jnp.repeat(drop_e[:, None], 3, axis=1)
+            label_only = jnp.broadcast_to(jnp.array([True, True, False]), (b, 3))
+            emotion_drop = batch["emotion_drop"] if drop else label_only
+            m["emotion_drop"] = emotion_drop
+            m["palette_keep"] = ~emotion_drop[:, 2]  # a kept label sets the MoE's global gate
         return lat, frames, m
 
     def init(rng, batch):
@@ -262,21 +306,30 @@ def _diffusion_stage(config, name: str) -> Stage:
 
     lpips_frames = int(t_cfg.spatial_frames)
 
-    def loss(params, batch, rng, extra):
+    def denoise(params, batch, rng, drop: bool = True):
+        """One noised forward pass: ``(latents, frames, t, noisy, target, model output)``."""
         r_t, r_noise, r_model = jax.random.split(rng, 3)
-        lat, frames, m = model_inputs(params, batch)
-        b = lat.shape[0]
-        t = schedules.sample_timesteps(r_t, b, schedule.num_train_timesteps)
+        lat, frames, m = model_inputs(params, batch, drop)
+        t = schedules.sample_timesteps(r_t, lat.shape[0], schedule.num_train_timesteps)
         noise = schedules.offset_noise(r_noise, lat.shape, float(t_cfg.noise_offset), lat.dtype)
         noisy = schedules.q_sample(schedule, lat, noise, t)
         target = schedules.training_target(schedule, lat, noise, t)
-        out = model(params, m, noisy, t, train=True, rng=r_model, use_emotion=stage2)
-        pred = out.prediction.astype(jnp.float32)
-        mask = batch["loss_mask"]  # (B, F, h, w)
-        per_sample = weighted_mean(jnp.mean(jnp.square(pred - target), axis=-1), mask)
+        out = model(params, m, noisy, t, train=True, rng=r_model, use_emotion=with_emotion)
+        return lat, frames, t, noisy, target, out
+
+    def latent_loss(pred, target, t, mask):
+        """``L_latent`` per sample ``(B,)``: masked mean squared error (× min-SNR weight)."""
+        per_sample = weighted_mean(jnp.mean(jnp.square(pred.astype(jnp.float32) - target), axis=-1), mask)
         if t_cfg.min_snr_gamma > 0:
             per_sample = per_sample * schedules.min_snr_weight(schedule, t, t_cfg.min_snr_gamma)
-        latent = jnp.mean(per_sample)
+        return per_sample
+
+    def loss(params, batch, rng, extra):
+        lat, frames, t, noisy, target, out = denoise(params, batch, rng)
+        b = lat.shape[0]
+        pred = out.prediction.astype(jnp.float32)
+        mask = batch["loss_mask"]  # (B, F, h, w)
+        latent = jnp.mean(latent_loss(pred, target, t, mask))
         metrics = {"latent": latent}
         total = latent
 
@@ -298,6 +351,10 @@ def _diffusion_stage(config, name: str) -> Stage:
             metrics["spatial"] = spatial
             total = total + t_cfg.spatial_weight * spatial
 
+        if with_emotion and out.gate_logits and float(t_cfg.get("gate_weight", 0.0)) > 0:
+            gate = losses.gate_loss(out.gate_logits, batch["palette"])
+            metrics["gate"] = gate
+            total = total + t_cfg.gate_weight * gate
         if stage2 and out.emotion_logits is not None:
             labels = batch["emotion_class"]
             valid = labels >= 0
@@ -311,10 +368,37 @@ def _diffusion_stage(config, name: str) -> Stage:
             total = total + t_cfg.vq_weight * out.vq_loss
         return total, metrics
 
+    def diagnostics(params, batch, rng):
+        """Whether the emotion condition is used: the latent loss on the same noise and timesteps
+        (reference and audio kept) with the true label, the labels rolled by one across the batch,
+        and the emotion dropped."""
+        b = batch["palette"].shape[0]
+        keep = jnp.zeros((b,), bool)
+        label_only = jnp.broadcast_to(jnp.array([True, True, False]), (b, 3))
+        true = dict(batch, drop_reference=keep, drop_audio=keep, emotion_drop=label_only)
+        variants = {
+            "true": true,
+            "shuffled": dict(true, palette=jnp.roll(batch["palette"], 1, axis=0)),
+            "dropped": dict(true, emotion_drop=jnp.ones((b, 3), bool)),
+        }
+        values = {}
+        for tag, variant in variants.items():
+            _, _, t, _, target, out = denoise(params, variant, rng)
+            values[tag] = jnp.mean(latent_loss(out.prediction, target, t, batch["loss_mask"]))
+        return {
+            "loss_true_emotion": values["true"],
+            "shuffle_gap": values["shuffled"] - values["true"],
+            "drop_gap": values["dropped"] - values["true"],
+        }
+
     if stage2:
         trainable = [_EMOTION_PARTS[0], r"^conditioning/latents/", r"^conditioning/embedder/", r"^conditioning/bank/", r"^discriminator/"]
         frozen: tuple[str, ...] = ()
+    elif with_emotion:
+        trainable = [r"^(reference_net|unet|face_locator|context|conditioning)/"]
+        frozen = ()
     else:
         trainable = [r"^(reference_net|unet|face_locator|context|conditioning/audio_projection)/"]
         frozen = _EMOTION_PARTS
-    return Stage(name, tuple(parts), tuple(trainable), tuple(frozen), init, loss)
+    has_condition = with_emotion and not uses_embedder
+    return Stage(name, tuple(parts), tuple(trainable), tuple(frozen), init, loss, diagnostics if has_condition else None)

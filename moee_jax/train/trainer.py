@@ -28,6 +28,7 @@ import dataclasses
 import json
 import logging
 import pathlib
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -173,7 +174,7 @@ class Trainer:
             trainable=trainable,
             frozen=frozen,
             opt_state=self.tx.init(trainable),
-            ema=trainable if float(self.config.train.ema_decay) > 0 else None,
+            ema=jax.tree_util.tree_map(jnp.copy, trainable) if float(self.config.train.ema_decay) > 0 else None,
             rng=jax.random.key_data(jax.random.fold_in(rng, 1)),
             bad_steps=jnp.zeros((), jnp.int32),
             skipped=jnp.zeros((), jnp.int32),
@@ -227,11 +228,23 @@ class Trainer:
                     abstract = {"embedder": jax.tree_util.tree_map(_struct, sub, shardings["conditioning"]["embedder"])}
                     params["conditioning"] = dict(params["conditioning"], embedder=_restore_subtree(path, abstract)["embedder"])
                     filled["conditioning/embedder"] = str(path)
+        skip = tuple(self.config.train.get("init_skip") or ())
+        if skip and filled:  # leaves the earlier stages must not fill keep their fresh initialisation
+            from flax import traverse_util
+
+            fresh = traverse_util.flatten_dict(merge_params(state.trainable, state.frozen))
+            flat = traverse_util.flatten_dict(params)
+            kept = [path for path in flat if any(re.search(p, "/".join(path)) for p in skip)]
+            for path in kept:
+                flat[path] = fresh[path]
+            params = traverse_util.unflatten_dict(flat)
+            log.info("train.init_skip: %d tensors keep their fresh initialisation (%s)", len(kept), ", ".join(skip))
         if filled:
             log.info("initialised from earlier stages: %s", ", ".join(f"{k} ← {v}" for k, v in filled.items()))
         self.initialised_from = filled
         trainable, frozen = split_params(params, self.stage.trainable, self.stage.frozen)
-        ema = trainable if state.ema is not None else None
+        # A copy, not the same buffers: the step donates the state, and XLA refuses a buffer donated twice.
+        ema = jax.tree_util.tree_map(jnp.copy, trainable) if state.ema is not None else None
         opt_state = jax.jit(self.tx.init, out_shardings=self.state_shardings.opt_state)(trainable)
         return state.replace(trainable=trainable, frozen=frozen, ema=ema, opt_state=opt_state)
 
@@ -360,9 +373,30 @@ class Trainer:
                 multihost_utils.sync_global_devices("moee_export_final_cleared")
         trainable = state.ema if (state.ema is not None and self.config.checkpoint.get("export_ema", False)) else state.trainable
         params = merge_params(trainable, state.frozen)
+        if self.stage.finalize is not None:
+            params = self._finalize(params)
         meta = {"stage": self.config.stage, "parts": sorted(params), "step": int(state.step), "config": self.config.get("variant", "")}
         save_params(final, params, meta)
         return final
+
+    def _finalize(self, params: dict) -> dict:
+        """The stage's post-training measurement (e.g. latent statistics) over
+        ``train.finalize_batches`` fresh batches, each new leaf placed like the one it replaces."""
+        iterator = iter(self._pipeline())
+        batches = [next(iterator) for _ in range(int(self.config.train.get("finalize_batches", 8)))]
+        new = self.stage.finalize(jax.device_get(params), batches)
+        return jax.tree_util.tree_map(lambda value, old: jax.device_put(np.asarray(value, old.dtype), old.sharding), new, params)
+
+    def diagnose(self, state: TrainState, batch: dict, step: int) -> dict:
+        """The stage's diagnostics (e.g. the shuffled-emotion loss gap) on ``batch``, same RNG for every variant."""
+        if self.stage.diagnostics is None:
+            return {}
+        if not hasattr(self, "_diagnose"):
+            stage = self.stage
+            self._diagnose = jax.jit(lambda tr, fr, b, r: stage.diagnostics(merge_params(tr, fr), b, r))
+        with jax.set_mesh(self.mesh), nn.logical_axis_rules(DEFAULT_RULES):
+            out = self._diagnose(state.trainable, state.frozen, batch, jax.random.fold_in(jax.random.key(int(self.config.seed) + 1), step))
+        return {k: float(v) for k, v in jax.device_get(out).items()}
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, *, max_steps: int | None = None) -> TrainResult:
@@ -409,6 +443,8 @@ class Trainer:
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], cfg.dtype)
         try:
             if start >= stop_at:
+                if start == total and not (self.dir / "final" / "params").exists():
+                    self.export_final(state)  # a stage with nothing to train (steps = 0) still exports
                 return TrainResult(cfg.stage, 0, start, losses, str(self.run_dir), False, int(state.skipped))
             t_last, steps_since = time.perf_counter(), 0
             step = start
@@ -425,8 +461,9 @@ class Trainer:
                     bad = int(state.bad_steps)
                     now = time.perf_counter()
                     sps = steps_since / max(now - t_last, 1e-9)
-                    t_last, steps_since = now, 0
                     values.update(steps_per_s=sps, examples_per_s=sps * examples)
+                    values.update(self.diagnose(state, batch, step))
+                    t_last, steps_since = time.perf_counter(), 0  # the diagnostics' time is not a step's
                     mfu = metrics_lib.mfu(self.step_flops, sps, jax.device_count(), peak)
                     if mfu is not None:
                         values["mfu"] = mfu

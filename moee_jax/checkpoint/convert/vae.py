@@ -16,6 +16,7 @@ import re
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from moee_jax.checkpoint.convert.state_dict import (
     StateDict,
@@ -53,7 +54,7 @@ def _squeeze_attention_convs(state_dict: StateDict) -> StateDict:
 
 def abstract_params(vae: AutoencoderKL) -> dict:
     """The unboxed ``ShapeDtypeStruct`` tree of ``vae``'s params, without allocating them."""
-    side = 2 ** (len(vae.block_out_channels) - 1)
+    side = vae.downsample_factor
     x = jax.ShapeDtypeStruct((1, side, side, vae.in_channels), jnp.float32)
     variables = jax.eval_shape(vae.init, jax.random.key(0), x)
     return nn.meta.unbox(variables)["params"]
@@ -62,12 +63,18 @@ def abstract_params(vae: AutoencoderKL) -> dict:
 def convert_vae(path: str | pathlib.Path, vae: AutoencoderKL, *, allow_pickle: bool = False) -> dict:
     """Read a diffusers ``vae/`` folder (or its weight file) into params for ``vae``.
 
-    Returns a nested dict of float32 numpy arrays with the structure of ``vae.init(...)["params"]``.
-    Raises :class:`ConversionError` naming every missing, unexpected or mis-shaped key, and for
+    Returns a nested dict of float32 numpy arrays with the structure of ``vae.init(...)["params"]``;
+    ``latent_norm`` (not in diffusers' files) is SD's: shift 0, scale ``vae.scaling_factor``. Raises :class:`ConversionError` naming every missing, unexpected or mis-shaped key, and for
     pickle files unless ``allow_pickle``.
     """
     weight_file = find_weight_file(path)
     state_dict = _squeeze_attention_convs(load_state_dict(weight_file, allow_pickle=allow_pickle))
-    params, missing = convert_state_dict(state_dict, abstract_params(vae), source=str(weight_file), rename=_rename)
+    abstract = abstract_params(vae)
+    norm = abstract.pop("latent_norm")
+    params, missing = convert_state_dict(state_dict, abstract, source=str(weight_file), rename=_rename)
     require_complete(missing, source=str(weight_file))
+    params["latent_norm"] = {
+        "shift": np.zeros(norm["shift"].shape, np.float32),
+        "scale": np.full(norm["scale"].shape, vae.scaling_factor, np.float32),
+    }
     return params

@@ -10,7 +10,10 @@ Splits
   intensities of the config; compound emotions only when ``compounds_in_train`` is set.
 * ``test``: held-out identities ``train_identities …`` (never seen in training); every basic emotion
   and neutral at full intensity, plus each compound of ``compounds`` — by default the compounds
-  appear *only* here, to measure whether the model composes emotions it never saw.
+  appear *only* here, to measure whether the model composes emotions it never saw. A compound is a
+  name (``happily_surprised``: the union of its components' AUs) or a palette spec
+  (``happy:0.5,surprised:0.5``: their weighted sum, stored under ``happiness:0.5,surprise:0.5``),
+  the ground truth of what a palette asks a model for.
 
 Everything is deterministic in ``seed``: the same config writes bit-identical records.
 
@@ -136,7 +139,7 @@ def render_record(spec: ClipSpec, config: SyntheticConfig) -> dict[str, object]:
         audio=clip.audio,
         landmarks=clip.landmarks,
         landmark_layout="synthetic72",
-        emotion=clip.emotion if clip.emotion != "mixed" else spec.emotion,
+        emotion=spec.emotion if clip.emotion == "mixed" or ":" in spec.emotion else clip.emotion,
         intensity=clip.intensity,
         text=clip.text,
         fps=clip.fps,
