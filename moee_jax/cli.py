@@ -8,6 +8,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
   animate   portrait + speech + emotion → talking-head MP4 with the speech muxed in (or a manifest CSV of them)
   eval      score a run on held-out synthetic identities (emotion, AUs, compounds, lip sync, identity)
   ablate    train and score MoEE's stage-2 ablations from a run's stage 1; prints the paper-form table
+  ladder    the diagnostic ladder of a run: instrument ceiling → overfit one clip → … → held-out, pass / fail
   analyze   latent-space analysis of a run: clustering strength, PCA / t-SNE, gates, interpolations
 """
 
@@ -56,12 +57,17 @@ def _convert() -> None:
 def _demo() -> None:
     config = _config_flag("configs/demo.py:cpu")
     out = flags.DEFINE_string("out", "outputs/demo", "Output directory (re-runs reuse its data, stages and reader).")
+    scratch = flags.DEFINE_bool("from_scratch", False, "Train every stage and the reader instead of scoring the shipped checkpoint.")
+    checkpoint = flags.DEFINE_string("checkpoint", None, "Score this run directory instead of the config's shipped checkpoint.")
 
     def main(argv):
         del argv
-        from moee_jax.inference.demo import run_demo
+        from moee_jax.inference.demo import DemoError, run_demo
 
-        summary = run_demo(config.value, out.value)
+        try:
+            summary = run_demo(config.value, out.value, from_scratch=scratch.value, checkpoint=checkpoint.value)
+        except DemoError as e:
+            sys.exit(f"moee demo: {e}")
         head = summary.get("headline", {})
         print(f"wrote {out.value}: " + ", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float)))
         print(f"total {summary['timings_s']['total']} s; see {out.value}/metrics.md")
@@ -243,7 +249,7 @@ def _eval_settings_flags():
             None,
             "Expression-reader file (moee_jax.eval.reader); trained and saved there if absent (default: RUN/reader.msgpack).",
         ),  # fmt: skip
-        "reader_steps": flags.DEFINE_integer("reader_steps", 1400, "Training steps of a new reader."),
+        "reader_steps": flags.DEFINE_integer("reader_steps", 3000, "Training steps of a new reader."),
     }
 
 
@@ -260,18 +266,22 @@ def _run_dir_arg(argv, flag, command: str) -> str:
     return run_dir
 
 
-def _reader(f, run_dir: str):
+def _reader(f, run_dir: str, data_dir: str | None = None, dataset: str | None = None):
+    """The run's expression reader: ``--reader``, else RUN/reader.msgpack, else the demo's beside RUN;
+    trained there first when absent or drawn at another size than the dataset's frames."""
     import pathlib
 
-    from moee_jax.eval.evaluate import cached_reader
+    from moee_jax.eval.evaluate import cached_reader, dataset_frame_size, run_dataset
     from moee_jax.inference.inputs import load_run_config, resolve_checkpoint
 
     size = int(load_run_config(resolve_checkpoint(run_dir)).video.image_size[0])
+    if data_dir is None or dataset is None:
+        data_dir, dataset = run_dataset(run_dir)
     path = f["reader"].value
     if path is None:  # the run's own reader, else the demo's (OUT/reader.msgpack next to OUT/run), else a new one
         own, demo = pathlib.Path(run_dir) / "reader.msgpack", pathlib.Path(run_dir).parent / "reader.msgpack"
         path = demo if demo.is_file() and not own.is_file() else own
-    return cached_reader(path, size, f["reader_steps"].value)
+    return cached_reader(path, size, f["reader_steps"].value, render_size=dataset_frame_size(data_dir, dataset))
 
 
 def _eval() -> None:
@@ -292,7 +302,7 @@ def _eval() -> None:
         run_dir = _run_dir_arg(argv, run_flag, "eval")
         out_dir = pathlib.Path(out.value or pathlib.Path(run_dir) / "eval")
         try:
-            reader = _reader(f, run_dir)
+            reader = _reader(f, run_dir, data_dir.value, dataset.value)
             summary = evaluate_run(run_dir, reader, data_dir=data_dir.value, dataset=dataset.value, settings=_settings(f),
                                    videos_dir=out_dir / "videos", sheet_path=None)  # fmt: skip
         except (InputError, FileNotFoundError, ValueError) as e:
@@ -332,8 +342,43 @@ def _ablate() -> None:
     return main
 
 
+def _ladder() -> None:
+    run_flag = flags.DEFINE_string("run_dir", None, "Run directory with a finished stage2 (or give it as the argument).")
+    data_dir = flags.DEFINE_string("data_dir", None, "TFDS data dir of the synthetic dataset (default: the run's stage-2 config).")
+    dataset = flags.DEFINE_string("dataset", None, "TFDS name/config (default: the run's).")
+    rungs = flags.DEFINE_list("rungs", ["ceiling", "overfit", "train_same_clip", "held_out_same_clip", "train_neutral", "held_out"],
+                              "Rungs to climb, in order.")  # fmt: skip
+    identities = flags.DEFINE_integer("identities", 4, "Identities per split scored by rungs 2-5.")
+    overfit_steps = flags.DEFINE_integer("overfit_steps", 300, "Training steps of rung 1 (overfitting one clip).")
+    out = flags.DEFINE_string("out", None, "Write ladder.json here (default: RUN/ladder.json).")
+    f = _eval_settings_flags()
+
+    def main(argv):
+        import pathlib
+
+        from moee_jax.eval.evaluate import run_dataset
+        from moee_jax.eval.ladder import ladder_json, run_ladder
+        from moee_jax.inference.inputs import InputError
+        from moee_jax.train.trainer import TrainingError
+
+        run_dir = _run_dir_arg(argv, run_flag, "ladder")
+        try:
+            d, n = (data_dir.value, dataset.value) if data_dir.value and dataset.value else run_dataset(run_dir)
+            reader = _reader(f, run_dir, d, n)
+            result = run_ladder(run_dir, reader, data_dir=d, dataset=n, settings=_settings(f), rungs=rungs.value,
+                                identities=identities.value, overfit_steps=overfit_steps.value)  # fmt: skip
+        except (InputError, TrainingError, FileNotFoundError, ValueError) as e:
+            sys.exit(f"moee ladder: {e}")
+        path = pathlib.Path(out.value or pathlib.Path(run_dir) / "ladder.json")
+        path.write_text(ladder_json(result))
+        print(f"{sum(r.passed for r in result)}/{len(result)} rungs pass; wrote {path}")
+        sys.exit(0 if all(r.passed for r in result) else 1)
+
+    return main
+
+
 COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "animate": _animate, "eval": _eval,
-            "ablate": _ablate}  # fmt: skip
+            "ablate": _ablate, "ladder": _ladder}  # fmt: skip
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -422,14 +422,17 @@ def test_compound_palette_reaches_every_emotion_moe_as_the_global_gate(animator,
     assert len(gates) >= 2
     for g in gates:
         np.testing.assert_allclose(g, np.broadcast_to(palette, g.shape), atol=1e-6)
-    # A single label keeps the model's own gate.
-    single = animator.prepare(face, audio, parse_emotion("happy"), steps=STEPS, detect=False)
-    assert "palette" not in single.emotion_inputs
-    cond = animator.clip_conditions(
-        animator.params, single.emotion_inputs, jnp.asarray(single.mel[:1]), single.ref_latents, single.face_features,
-        animator.first_motion(single),
-    )  # fmt: skip
-    assert cond.emotion.palette is None
+    # A single label is a one-hot palette: its own expert alone (MoEE: "single emotion activates only
+    # its corresponding expert"); neutral switches every expert off.
+    for label, want in (("happy", np.eye(6)[0]), ("neutral", np.zeros(6))):
+        single = animator.prepare(face, audio, parse_emotion(label), steps=STEPS, detect=False)
+        for g in _gates(animator, single):
+            np.testing.assert_allclose(g, np.broadcast_to(want, g.shape), atol=1e-6)
+    # Without a label (emotion from the speech) the gate network acts.
+    spoken = animator.prepare(face, audio, parse_emotion(emotion_from_audio=True), steps=STEPS, detect=False)
+    np.testing.assert_array_equal(spoken.emotion_inputs["palette_keep"], [False])
+    learned = _gates(animator, spoken)
+    assert all(np.all((g > 0) & (g < 1)) for g in learned)
 
 
 def test_dropped_audio_branch_is_what_training_saw_when_audio_was_dropped(animator, media):
@@ -454,7 +457,8 @@ def test_emotion_from_audio_drops_the_label_and_keeps_the_speech(animator, media
     job = animator.prepare(face, audio, parse_emotion(emotion_from_audio=True), steps=STEPS, detect=False)
     np.testing.assert_array_equal(job.emotion_inputs["emotion_drop"], [[True, False, True]])  # (text, speech, label)
     labelled = animator.prepare(face, audio, parse_emotion("angry"), steps=STEPS, detect=False)
-    np.testing.assert_array_equal(labelled.emotion_inputs["emotion_drop"], [[True, False, False]])
+    # A label is the emotion alone: the speech source is dropped, as training's label mode drops it.
+    np.testing.assert_array_equal(labelled.emotion_inputs["emotion_drop"], [[True, True, False]])
 
     def tokens(inputs, clip):
         cond = animator.clip_conditions(
@@ -470,6 +474,17 @@ def test_emotion_from_audio_drops_the_label_and_keeps_the_speech(animator, media
     # The speech is kept: another clip's speech gives other tokens, and they are not the null tokens.
     assert np.abs(tokens(job.emotion_inputs, 5)[0] - from_audio).max() > 1e-4
     assert np.abs(from_audio - null).max() > 1e-4
+
+
+def test_batched_rendering_gives_each_video_what_rendering_it_alone_gives(animator, media):
+    face, audio = media["dir"] / "face.png", media["dir"] / "short.wav"
+    jobs = [animator.prepare(face, audio, parse_emotion(e), steps=STEPS, seed=s, detect=False) for e, s in (("happy", 0), ("sad", 1))]
+    together = animator.render_jobs(jobs)
+    for job, video in zip(jobs, together):
+        alone = animator.render_job(job)
+        assert video.shape == alone.shape
+        assert np.abs(video.astype(int) - alone.astype(int)).max() <= 1  # float rounding of a larger batch at most
+    assert np.abs(together[0].astype(int) - together[1].astype(int)).max() > 0
 
 
 # ---- outputs ----------------------------------------------------------------------------------------------------

@@ -102,3 +102,25 @@ def test_guided_model_fn_calls_the_batched_model_once_per_sampler_step():
         t = jnp.broadcast_to(plan.timesteps[i], (SHAPE[0],))
         x, _ = P.ddim_step(plan, i, model_fn(x, t), x)
     assert calls == [(4 * SHAPE[0], *SHAPE[1:])] * num_steps
+
+
+@pytest.mark.parametrize("scales", [(1.0, 1.0, 3.0), (2.0, 1.0, 1.0), (1.5, 2.5, 3.5), (1.0, 1.0, 1.0)])
+def test_branches_of_zero_weight_are_skipped_and_the_result_is_unchanged(scales):
+    branch_weights = G.branch_weights
+
+    def model(x, t, keep):  # every branch gives a distinct, condition-dependent output
+        return x * (1.0 + keep.astype(x.dtype) @ jnp.array([0.5, 2.0, -1.5]))[:, None]
+
+    calls = []
+
+    def counting(x, t, keep):
+        calls.append(x.shape[0])
+        return model(x, t, keep)
+
+    x = jnp.arange(6.0).reshape(2, 3) + 1.0
+    t = jnp.zeros((2,), jnp.int32)
+    full = G.guided_model_fn(model, jnp.asarray(scales))(x, t)  # array scales: all four branches
+    pruned = G.guided_model_fn(counting, np.asarray(scales))(x, t)
+    np.testing.assert_allclose(pruned, full, rtol=1e-6)
+    assert calls == [2 * int(np.count_nonzero(branch_weights(scales)))]
+    assert calls[0] == {(1.0, 1.0, 3.0): 4, (2.0, 1.0, 1.0): 6, (1.5, 2.5, 3.5): 8, (1.0, 1.0, 1.0): 2}[tuple(scales)]

@@ -82,18 +82,28 @@ def run_dataset(run_dir: str | pathlib.Path) -> tuple[str, str]:
     return data["data_dir"], data["name"]
 
 
-def cached_reader(path: str | pathlib.Path, size: int, steps: int):
-    """The expression reader at ``path`` (a ``save_reader`` file), trained and saved there first if absent."""
+def cached_reader(path: str | pathlib.Path, size: int, steps: int, *, render_size: int | None = None, blend_fraction: float = 0.4):
+    """The expression reader at ``path`` (a ``save_reader`` file) when it reads ``size``² frames drawn
+    at ``render_size`` (default ``size``); else one trained (``steps``, ``blend_fraction``) and saved there."""
     from moee_jax.eval.reader import load_reader, save_reader, train_reader
 
     path = pathlib.Path(path)
+    render_size = int(render_size or size)
     if path.is_file():
         reader = load_reader(path)
-        if reader.size == size:
+        if reader.size == size and int(reader.info.get("render_size", reader.size)) == render_size:
             return reader
-    reader = train_reader(size, steps=steps)
+    reader = train_reader(size, steps=steps, render_size=render_size, blend_fraction=blend_fraction)
     save_reader(reader, path)
     return reader
+
+
+def dataset_frame_size(data_dir: str | pathlib.Path, name: str) -> int:
+    """The stored frame side of a dataset's held-out split: what the reader's training frames are drawn at."""
+    from moee_jax.data.pipeline import open_source
+
+    source = open_source(data_dir, name, "test")
+    return int(schema.decode_frames(source[0]["frames"], [0]).shape[1])
 
 
 def _resize(frame: np.ndarray, size: int) -> np.ndarray:
@@ -163,6 +173,121 @@ def ground_truth_ceiling(
     return summary
 
 
+@dataclasses.dataclass
+class EvalItem:
+    """One video to generate and score.
+
+    ``kind``: ``basic`` (``tag`` is the target class), ``compound`` (``tag`` a compound name of
+    :data:`~moee_jax.data.synthetic.COMPOUND_EMOTIONS`) or ``speech`` (speech-only; ``target`` the
+    class its speech carries). ``portrait (S, S, 3)`` uint8 at the model's size; ``speech`` the
+    record whose audio drives the video; ``identity (24,)`` the portrait's true identity vector.
+    """
+
+    speaker: str
+    tag: str
+    kind: str
+    spec: object  # an inference.inputs.EmotionSpec
+    portrait: np.ndarray
+    speech: dict
+    identity: np.ndarray
+    target: str = ""
+
+
+def held_out_items(tests: dict[str, dict[str, dict]], size: int, settings: EvalSettings, speakers: Sequence[str], *,
+                   speech_only: bool = True) -> list[EvalItem]:  # fmt: skip
+    """The evaluation's videos: every speaker's neutral frame with its neutral speech for each class
+    and each compound palette of ``settings``, and (``speech_only``) with its emotional speech alone."""
+    from moee_jax.inference.inputs import parse_emotion
+
+    items = []
+    for speaker in speakers:
+        clips = tests[speaker]
+        portrait = _resize(schema.decode_frames(clips["neutral"]["frames"], [0])[0], size)
+        truth = np.asarray(clips["neutral"]["identity"], np.float32)
+        for emotion in schema.CLASSES:
+            items.append(EvalItem(speaker, emotion, "basic", parse_emotion(emotion), portrait, clips["neutral"], truth, emotion))
+        for compound, spec in settings.compounds.items():
+            items.append(EvalItem(speaker, compound, "compound", parse_emotion(spec), portrait, clips["neutral"], truth, compound))
+        if speech_only:
+            for emotion in settings.speech_only_emotions:
+                if emotion in clips:
+                    items.append(EvalItem(speaker, f"speech_{emotion}", "speech", parse_emotion(emotion_from_audio=True), portrait,
+                                          clips[emotion], truth, emotion))  # fmt: skip
+    return items
+
+
+def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *, batch_size: int = 16,
+                 videos_dir: pathlib.Path | None = None, progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:  # fmt: skip
+    """Every item's video ``(T, S, S, 3)`` uint8, ``batch_size`` at a time
+    (:meth:`~moee_jax.inference.animate.Animator.render_jobs`); with ``videos_dir`` each is also
+    written as ``<speaker>_<tag>.mp4`` (+ JSON sidecar)."""
+    from moee_jax.inference.animate import Animation, save_animation
+    from moee_jax.inference.inputs import Speech
+
+    def job_of(item):
+        record = item.speech
+        speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{item.speaker}/{_text(record['id'])}"))
+        return animator.prepare(item.portrait, speech, item.spec, steps=settings.steps, sampler=settings.sampler,
+                                guidance=dict(settings.guidance), seed=settings.seed, detect=False)  # fmt: skip
+
+    videos: dict[int, np.ndarray] = {}
+    groups: dict[tuple, list[int]] = {}
+    for i, item in enumerate(items):  # one batch shape per kind of emotion input
+        groups.setdefault((item.kind == "speech", item.spec.kind), []).append(i)
+    done = 0
+    for indices in groups.values():
+        for start in range(0, len(indices), batch_size):
+            chunk = indices[start : start + batch_size]
+            jobs = [job_of(items[i]) for i in chunk]
+            for i, job, frames in zip(chunk, jobs, animator.render_jobs(jobs)):
+                videos[i] = frames
+                if videos_dir is not None:
+                    item = items[i]
+                    meta = dict(job.settings, warnings=job.warnings)
+                    save_animation(Animation(frames, job.speech.wave, animator.fps, job.portrait, job.plan, meta, job.warnings),
+                                   pathlib.Path(videos_dir) / f"{item.speaker}_{item.tag}.mp4")  # fmt: skip
+            done += len(chunk)
+            if progress is not None:
+                progress(done, len(items))
+    return [videos[i] for i in range(len(items))]
+
+
+def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float) -> dict:
+    """A :func:`metrics.summarize` dict of rendered ``videos`` (one per item), plus ``label_effect``
+    (mean absolute pixel change, 0–255, of each basic emotion's video against the neutral video of the
+    same speaker, portrait, speech and noise) and ``speech_only`` where there are speech items."""
+    probs, targets, aus, compounds, sync, identity = [], [], [], [], [], []
+    speech_probs, speech_targets, label_effect = [], [], []
+    neutral = {it.speaker: v for it, v in zip(items, videos) if it.kind == "basic" and it.tag == schema.NEUTRAL}
+    for item, frames in zip(items, videos):
+        pred = reader.predict(frames)
+        if item.kind == "speech":
+            speech_probs.append(pred["probs"])
+            speech_targets.append(item.target)
+            continue
+        if item.kind == "basic":
+            probs.append(pred["probs"])
+            targets.append(item.target)
+            aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(item.target, 1.0)[2]))
+            if item.target != schema.NEUTRAL and item.speaker in neutral:
+                label_effect.append(float(np.abs(frames.astype(np.float32) - neutral[item.speaker].astype(np.float32)).mean()))
+        else:
+            compounds.append(M.compound_components(pred["aus"], item.target, probs=pred["probs"]))
+        sync.append(M.lip_sync(pred["mouth"], np.asarray(item.speech["audio"], np.float32), fps))
+        identity.append(M.identity_error(pred["identity"], item.identity))
+    summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus, compounds=compounds,
+                          lip_sync=sync, identity=identity)  # fmt: skip
+    if label_effect:
+        summary["label_effect"] = {"mean_abs_pixel_change": float(np.mean(label_effect)), "num_clips": len(label_effect),
+                                   "units": "0-255, each emotion's video against the neutral one, same portrait, speech and noise"}  # fmt: skip
+        summary["headline"]["label_pixel_change"] = summary["label_effect"]["mean_abs_pixel_change"]
+    if speech_probs:
+        speech = M.emotion_accuracy(speech_probs, speech_targets)
+        summary["speech_only"] = {k: v for k, v in speech.items() if k != "predictions"}
+        summary["headline"]["speech_only_accuracy"] = speech["accuracy"]
+    return summary
+
+
 def evaluate_run(
     run_dir: str | pathlib.Path,
     reader,
@@ -180,30 +305,29 @@ def evaluate_run(
     """Animate and score the held-out clips; returns a :func:`metrics.summarize` dict plus
     ``ceiling`` (the same metrics on the ground truth: :func:`ground_truth_ceiling`, through the
     resize and, unless the autoencoder is lossless, ``ceiling_round_trip`` through the run's latent
-    round trip), ``label_effect`` (the mean pixel change, in 0–255 units, when only the label changes:
-    each emotion's video against the neutral one of the same portrait, speech and noise),
-    ``speech_only`` (accuracy of speech-derived emotion), ``held_out_identities`` and ``seconds``.
+    round trip), ``label_effect`` (the mean pixel change when only the label changes, see
+    :func:`score_items`), ``speech_only`` (accuracy of speech-derived emotion),
+    ``held_out_identities`` and ``seconds``.
 
     Labelled and compound clips are driven by the identity's *neutral* clip's speech, and the model
     takes their emotion from the label alone (the speech source dropped, as in training's label
-    mode): the label is what must carry the emotion. Videos are rendered ``batch_size`` at a time
-    (:meth:`~moee_jax.inference.animate.Animator.render_jobs`); ``animator`` reuses a loaded one.
+    mode): the label is what must carry the emotion. Videos are rendered ``batch_size`` at a time;
+    ``animator`` reuses a loaded one.
 
     ``videos_dir``: also write every clip as ``<speaker>_<emotion>.mp4`` (+ JSON sidecar);
     ``sheet_path``: a contact sheet of the first speaker (rows = emotions, columns = frames).
     """
-    from moee_jax.inference.animate import Animation, Animator, save_animation
-    from moee_jax.inference.inputs import InputError, Speech, parse_emotion
+    from moee_jax.inference.animate import Animator
+    from moee_jax.inference.inputs import InputError, parse_emotion
 
     t0 = time.perf_counter()
     settings = settings or EvalSettings()
     if data_dir is None or dataset is None:
         data_dir, dataset = run_dataset(run_dir)
     animator = animator if animator is not None else Animator.from_run(run_dir)
-    size = int(animator.config.video.image_size[0])
+    size = animator.size
     if reader.size != size:
         raise ValueError(f"the reader reads {reader.size}² frames but {run_dir} generates {size}²")
-    fps = float(animator.config.video.fps)
     tests = held_out_clips(data_dir, dataset)
     try:
         animator.check_emotion(parse_emotion(emotion_from_audio=True))
@@ -211,93 +335,27 @@ def evaluate_run(
     except InputError:
         takes_speech_emotion = False
     speakers = sorted(tests) if speakers is None else list(speakers)
-    videos = pathlib.Path(videos_dir) if videos_dir is not None else None
-    if videos is not None:
-        videos.mkdir(parents=True, exist_ok=True)
+    videos_path = pathlib.Path(videos_dir) if videos_dir is not None else None
+    if videos_path is not None:
+        videos_path.mkdir(parents=True, exist_ok=True)
 
-    # Every video of the evaluation: (speaker, tag, kind, emotion spec, record whose speech drives it).
-    todo = []
-    for speaker in speakers:
-        clips = tests[speaker]
-        for emotion in schema.CLASSES:
-            todo.append((speaker, emotion, "basic", parse_emotion(emotion), clips["neutral"]))
-        for compound, spec in settings.compounds.items():
-            todo.append((speaker, compound, "compound", parse_emotion(spec), clips["neutral"]))
-        if takes_speech_emotion:
-            for emotion in settings.speech_only_emotions:
-                if emotion in clips:
-                    todo.append((speaker, f"speech_{emotion}", "speech", parse_emotion(emotion_from_audio=True), clips[emotion]))
-
-    def job_of(speaker, tag, spec, record):
-        portrait = _resize(schema.decode_frames(tests[speaker]["neutral"]["frames"], [0])[0], size)
-        speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{speaker}/{record['id'].decode()}"))
-        return animator.prepare(portrait, speech, spec, steps=settings.steps, sampler=settings.sampler,
-                                guidance=dict(settings.guidance), seed=settings.seed, detect=False)  # fmt: skip
-
-    rendered: dict[tuple[str, str], np.ndarray] = {}
-    groups: dict[tuple, list] = {}
-    for item in todo:
-        groups.setdefault((item[2] == "speech",), []).append(item)  # one batch shape per emotion-input kind
-    done = 0
-    for items in groups.values():
-        for start in range(0, len(items), batch_size):
-            chunk = items[start : start + batch_size]
-            jobs = [job_of(sp, tag, spec, rec) for sp, tag, _, spec, rec in chunk]
-            for (sp, tag, *_), job, frames in zip(chunk, jobs, animator.render_jobs(jobs)):
-                rendered[(sp, tag)] = frames
-                if videos is not None:
-                    settings_json = dict(job.settings, warnings=job.warnings)
-                    save_animation(Animation(frames, job.speech.wave, fps, job.portrait, job.plan, settings_json, job.warnings),
-                                   videos / f"{sp}_{tag}.mp4")  # fmt: skip
-            done += len(chunk)
-            if progress is not None:
-                progress(done, len(todo))
-
-    probs, targets, aus, compounds, sync, identity = [], [], [], [], [], []
-    speech_probs, speech_targets, label_effect = [], [], []
-    sheet: list[tuple[str, np.ndarray]] = []
-    for speaker, tag, kind, _, record in todo:
-        frames = rendered[(speaker, tag)]
-        pred = reader.predict(frames)
-        truth = np.asarray(tests[speaker]["neutral"]["identity"], np.float32)
-        audio = np.asarray(record["audio"], np.float32)
-        if kind == "speech":
-            speech_probs.append(pred["probs"])
-            speech_targets.append(tag.removeprefix("speech_"))
-            continue
-        if kind == "basic":
-            probs.append(pred["probs"])
-            targets.append(tag)
-            aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(tag, 1.0)[2]))
-            if tag != schema.NEUTRAL:
-                neutral = rendered[(speaker, schema.NEUTRAL)].astype(np.float32)
-                label_effect.append(float(np.abs(frames.astype(np.float32) - neutral).mean()))
-        else:
-            compounds.append(M.compound_components(pred["aus"], tag, probs=pred["probs"]))
-        sync.append(M.lip_sync(pred["mouth"], audio, fps))
-        identity.append(M.identity_error(pred["identity"], truth))
-        if speaker == speakers[0]:
-            sheet.append((tag, frames))
-
-    summary = M.summarize(emotion=M.emotion_accuracy(probs, targets), action_units=aus, compounds=compounds, lip_sync=sync,
-                          identity=identity)  # fmt: skip
-    summary["label_effect"] = {"mean_abs_pixel_change": float(np.mean(label_effect)) if label_effect else None,
-                               "num_clips": len(label_effect), "units": "0-255, emotion video vs neutral video, same noise"}  # fmt: skip
-    summary["headline"]["label_pixel_change"] = summary["label_effect"]["mean_abs_pixel_change"]
-    if speech_probs:
-        speech = M.emotion_accuracy(speech_probs, speech_targets)
-        summary["speech_only"] = {k: v for k, v in speech.items() if k != "predictions"}
-        summary["headline"]["speech_only_accuracy"] = speech["accuracy"]
-    summary["ceiling"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=fps)
+    items = held_out_items(tests, size, settings, speakers, speech_only=takes_speech_emotion)
+    videos = render_items(animator, items, settings, batch_size=batch_size, videos_dir=videos_path, progress=progress)
+    summary = score_items(reader, items, videos, animator.fps)
+    summary["ceiling"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=animator.fps)
     if not animator.lossless_latents:
-        summary["ceiling_round_trip"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=fps,
+        summary["ceiling_round_trip"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=animator.fps,
                                                              round_trip=animator.round_trip)  # fmt: skip
     summary["held_out_identities"] = speakers
     summary["settings"] = dataclasses.asdict(settings)
     summary["seconds"] = round(time.perf_counter() - t0, 1)
     if sheet_path is not None:
-        contact_sheet(sheet, sheet_path)
+        contact_sheet([(it.tag, v) for it, v in zip(items, videos) if it.speaker == speakers[0] and it.kind != "speech"], sheet_path)
     return summary
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def contact_sheet(rows: Sequence[tuple[str, np.ndarray]], path: str | pathlib.Path, columns: int = 8) -> None:

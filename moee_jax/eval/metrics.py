@@ -392,7 +392,15 @@ def to_markdown(summary: Mapping) -> str:
     """Markdown tables of a :func:`summarize` result: the headline scores, then per section detail
     (confusion matrix, per-AU error, per-compound rates, lip sync, identity per field)."""
     lines = ["## Evaluation", ""]
-    lines += _table(("metric", "value"), list(summary.get("headline", {}).items()))
+    head = summary.get("headline", {})
+    ceilings = [(title, summary[key].get("headline", {})) for key, title in
+                (("ceiling", "ground truth (ceiling)"), ("ceiling_round_trip", "ground truth through the latents")) if key in summary]  # fmt: skip
+    if ceilings:
+        # Every generated number beside the reader's score on the ground truth seen the same way.
+        lines += _table(("metric", "generated", *(t for t, _ in ceilings)),
+                        [(k, v, *(c.get(k) for _, c in ceilings)) for k, v in head.items()])  # fmt: skip
+    else:
+        lines += _table(("metric", "value"), list(head.items()))
     if "emotion" in summary:
         e = summary["emotion"]
         classes = e.get("classes", list(CLASSES))

@@ -1,18 +1,27 @@
-"""``moee demo``: train MoEE on synthetic talking faces end to end, animate held-out people, score them.
+"""``moee demo``: MoEE on synthetic talking faces end to end — animate held-out people, score them.
 
-Steps (each resumable: a re-run reuses the dataset, finished stages and the cached reader):
+Two ways, one result:
 
-1. build the ``synthetic_talking_faces`` dataset of ``config.data`` under ``OUT/data`` (held-out
-   identities and the compound emotions only in ``test``);
-2. train ``vae → embedder → stage1 → stage2`` (``config.stages``) under ``OUT/run``;
-3. train the expression reader (:mod:`moee_jax.eval.reader`) on generator ground truth;
-4. animate the held-out identities with their held-out speech for each basic emotion and neutral,
-   for the compound palettes never seen in training and speech-only, and score every clip
-   (:func:`moee_jax.eval.evaluate.evaluate_run`): ``OUT/videos/*.mp4``, ``OUT/contact_sheet.png``
-   (rows = emotions, columns = frames);
-5. when ``config.ablate.variants`` is set, train and score the stage-2 ablations
-   (:mod:`moee_jax.eval.ablation`) under ``OUT/ablate``;
-6. write ``OUT/metrics.json`` and ``OUT/metrics.md``.
+* **shipped checkpoint** (the default where the config names one, ``checkpoints/demo_cpu``): build
+  the held-out split of the synthetic dataset, load the shipped run and its expression reader,
+  animate and score. Minutes on 2 CPU cores.
+* **from scratch** (``--from-scratch``, and always where the config names no checkpoint):
+
+  1. build the ``synthetic_talking_faces`` dataset of ``config.data`` under ``OUT/data`` (held-out
+     identities and the compound palettes only in ``test``);
+  2. train ``vae → stage1 → stage2`` (``config.stages``) under ``OUT/run``;
+  3. train the expression reader (:mod:`moee_jax.eval.reader`) on faces drawn as the dataset draws
+     them and shrunk to the model's size;
+  4. animate and score as above. The checkpoint in ``checkpoints/demo_cpu`` is ``OUT/run/stage2``
+     and ``OUT/reader.msgpack`` of this path, so both give the same numbers.
+
+Scoring (:func:`moee_jax.eval.evaluate.evaluate_run`): every held-out identity's neutral frame with
+its neutral speech, for each basic emotion and neutral, for the compound palettes never seen in
+training, and speech-only; beside each number the reader's ceiling on the ground truth. Writes
+``OUT/videos/*.mp4``, ``OUT/contact_sheet.png`` (rows = emotions, columns = frames),
+``OUT/metrics.json`` and ``OUT/metrics.md``; with ``config.ablate.variants``, the stage-2 ablations
+(:mod:`moee_jax.eval.ablation`) under ``OUT/ablate``. Every step is resumable: a re-run reuses the
+dataset, finished stages and the reader.
 """
 
 from __future__ import annotations
@@ -24,65 +33,102 @@ import time
 
 from ml_collections import ConfigDict
 
-from moee_jax.emotions import EMOTIONS
-
 log = logging.getLogger("moee_jax.demo")
 
+REPO = pathlib.Path(__file__).resolve().parents[2]
 
-def _build_data(config: ConfigDict, data_dir: pathlib.Path) -> str:
+
+class DemoError(RuntimeError):
+    """A demo that cannot run as asked; the message says what to do."""
+
+
+def _build_data(config: ConfigDict, data_dir: pathlib.Path, *, held_out_only: bool) -> str:
     from moee_jax.data.builders.synthetic_talking_faces import SyntheticConfig, build
 
-    d = config.data.to_dict()
-    build(SyntheticConfig(name=d.pop("name"), **{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()}), str(data_dir))
-    return f"synthetic_talking_faces/{config.data.name}"
+    d = {k: tuple(v) if isinstance(v, list) else v for k, v in config.data.to_dict().items()}
+    name = d.pop("name") + ("_heldout" if held_out_only else "")
+    if held_out_only:
+        d["splits"] = ("test",)  # the same held-out identities and seeds; no training clips
+    build(SyntheticConfig(name=name, **d), str(data_dir))
+    return f"synthetic_talking_faces/{name}"
 
 
-def run_demo(config: ConfigDict, out_dir: str | pathlib.Path) -> dict:
-    """Run the whole demo; returns the metrics written to ``OUT/metrics.json``."""
+def shipped_checkpoint(config: ConfigDict, checkpoint: str | pathlib.Path | None = None) -> pathlib.Path | None:
+    """The shipped run directory the demo scores (``checkpoint``, else ``config.checkpoint`` relative
+    to the repository), or None when there is none to use."""
+    path = checkpoint or config.get("checkpoint")
+    if not path:
+        return None
+    path = pathlib.Path(path)
+    return path if path.is_absolute() else REPO / path
+
+
+def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, *, from_scratch: bool = False,
+             checkpoint: str | pathlib.Path | None = None) -> dict:  # fmt: skip
+    """Run the demo; returns the metrics written to ``OUT/metrics.json``."""
     from moee_jax.eval import metrics as M
     from moee_jax.eval.ablation import run_ablations
     from moee_jax.eval.evaluate import EvalSettings, cached_reader, evaluate_run
-    from moee_jax.train.trainer import Trainer
 
     out = pathlib.Path(out_dir).absolute()
+    shipped = None if from_scratch else shipped_checkpoint(config, checkpoint)
+    if shipped is not None and not (shipped / "stage2" / "final" / "metadata.json").exists():
+        raise DemoError(
+            f"the shipped checkpoint {shipped} holds no finished run (stage2/final); train one with "
+            "`moee demo --from-scratch`, or pass --checkpoint RUN"
+        )
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    name = _build_data(config, out / "data")
+    name = _build_data(config, out / "data", held_out_only=shipped is not None)
     timings["data_s"] = time.perf_counter() - t0
 
     losses: dict[str, dict] = {}
-    for stage in ("vae", "embedder", "stage1", "stage2"):
-        t = time.perf_counter()
-        c = ConfigDict(config.stages[stage].to_dict())
-        c.data.data_dir = str(out / "data")
-        c.data.name = name
-        result = Trainer(c, out / "run").run()
-        jsonl = out / "run" / stage / "metrics.jsonl"
-        logged = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-        if logged:
-            losses[stage] = {"first_logged": logged[0]["loss"], "last_logged": logged[-1]["loss"], "steps": result.final_step}
-        timings[f"{stage}_s"] = time.perf_counter() - t
+    if shipped is None:
+        from moee_jax.train.trainer import Trainer
+
+        run_dir = out / "run"
+        for stage in ("vae", "stage1", "stage2"):
+            t = time.perf_counter()
+            c = ConfigDict(config.stages[stage].to_dict())
+            c.data.data_dir = str(out / "data")
+            c.data.name = name
+            result = Trainer(c, run_dir).run()
+            jsonl = run_dir / stage / "metrics.jsonl"
+            logged = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+            if logged:
+                losses[stage] = {"first_logged": logged[0]["loss"], "last_logged": logged[-1]["loss"], "steps": result.final_step}
+                if "shuffle_gap" in logged[-1]:
+                    losses[stage]["last_shuffle_gap"] = logged[-1]["shuffle_gap"]
+            timings[f"{stage}_s"] = time.perf_counter() - t
+        reader_path = out / "reader.msgpack"
+    else:
+        run_dir = shipped
+        reader_path = shipped / "reader.msgpack"
+        if not reader_path.is_file():
+            reader_path = out / "reader.msgpack"
 
     t = time.perf_counter()
     size = int(config.stages.stage2.video.image_size[0])
-    reader = cached_reader(out / "reader.msgpack", size, int(config.reader.steps))
+    r = config.reader
+    reader = cached_reader(reader_path, size, int(r.steps), render_size=int(r.get("render_size", config.data.size)),
+                           blend_fraction=float(r.get("blend_fraction", 0.4)))  # fmt: skip
     timings["reader_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
     settings = EvalSettings.from_config(config.animate, seed=int(config.seed))
-    summary = evaluate_run(out / "run", reader, data_dir=out / "data", dataset=name, settings=settings,
-                           videos_dir=out / "videos", sheet_path=out / "contact_sheet.png")  # fmt: skip
+    summary = evaluate_run(run_dir, reader, data_dir=out / "data", dataset=name, settings=settings, videos_dir=out / "videos",
+                           sheet_path=out / "contact_sheet.png", batch_size=int(config.animate.get("batch_size", 16)))  # fmt: skip
     timings["animate_and_score_s"] = time.perf_counter() - t
 
     if config.get("ablate") and config.ablate.variants:
         t = time.perf_counter()
-        ablation = run_ablations(out / "run", out / "ablate", reader, variants=tuple(config.ablate.variants),
-                                 settings=settings)  # fmt: skip
+        ablation = run_ablations(run_dir, out / "ablate", reader, variants=tuple(config.ablate.variants), settings=settings)
         summary["ablation"] = {v: ablation[v]["headline"] for v in config.ablate.variants}
         summary["ablation_table"] = ablation["table"]
         timings["ablation_s"] = time.perf_counter() - t
 
+    summary["run"] = {"dir": str(run_dir), "shipped_checkpoint": shipped is not None}
     summary["training"] = losses
     summary["timings_s"] = {k: round(v, 1) for k, v in timings.items()} | {"total": round(time.perf_counter() - t0, 1)}
     summary["reader"] = reader.info
@@ -93,6 +139,3 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path) -> dict:
     (out / "metrics.md").write_text(markdown)
     log.info("demo finished in %.0f s: %s", timings.get("total", time.perf_counter() - t0), out)
     return summary
-
-
-__all__ = ["run_demo", "EMOTIONS"]

@@ -53,6 +53,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     compounds: tuple[str, ...] = DEFAULT_COMPOUNDS
     compounds_in_train: bool = False
     seed: int = 0
+    splits: tuple[str, ...] = ("train", "test")  # ("test",): the held-out split alone (evaluating a trained model)
 
 
 class SyntheticTalkingFaces(tfds.core.GeneratorBasedBuilder):
@@ -82,7 +83,10 @@ class SyntheticTalkingFaces(tfds.core.GeneratorBasedBuilder):
 
     def _split_generators(self, dl_manager):
         del dl_manager
-        return {"train": self._generate_examples("train"), "test": self._generate_examples("test")}
+        unknown = set(self.builder_config.splits) - {"train", "test"}
+        if unknown or not self.builder_config.splits:
+            raise ValueError(f"SyntheticConfig.splits={self.builder_config.splits}: choose from ('train', 'test')")
+        return {split: self._generate_examples(split) for split in self.builder_config.splits}
 
     def _generate_examples(self, split: str):
         for key, spec in enumerate(clip_specs(self.builder_config, split)):
