@@ -89,6 +89,8 @@ def branch_denoiser(
                 kw["emotion"] = EmotionCondition(tokens, _tile(e.palette, n), None if e.palette is None else keep)
             else:
                 kw["emotion"] = tokens
+        if unet.config.reference_concat:
+            kw["reference_latents"] = _tile(cond.ref_latents, n)
         return unet.apply(
             {"params": params},
             x,

@@ -28,6 +28,8 @@ def unet_example_inputs(cfg: UNetConfig, batch: int = 1, frames: int = 1) -> dic
         if cfg.emotion_dim is None:
             raise ValueError("a U-Net with an emotion slot needs emotion_dim (the width of the emotion tokens)")
         inputs["emotion"] = jnp.zeros((batch, 1, cfg.emotion_dim))
+    if cfg.reference_concat:
+        inputs["reference_latents"] = jnp.zeros((batch, side, side, cfg.in_channels))
     return inputs
 
 

@@ -206,11 +206,11 @@ class MoEE:
         cond_rngs = {"params": r_cond, "sample": r_sample, "dropout": r_sample}
         cond_vars = self.conditioning.init(cond_rngs, batch, train=True)
         cond = self.conditioning.apply(cond_vars, batch, train=True, rngs={"sample": r_sample, "dropout": r_sample})
-        unet_vars = self.unet.init(r_unet, noisy, timesteps, batch["context"], **_unet_kwargs(batch, cond, feats))
+        unet_vars = self.unet.init(r_unet, noisy, timesteps, batch["context"], **_unet_kwargs(batch, cond, feats, self.unet.config.reference_concat))
         params = {"reference_net": ref_vars["params"], "unet": unet_vars["params"], "conditioning": cond_vars["params"]}
         if self.discriminator is not None:
             _, inter = self.unet.apply(
-                unet_vars, noisy, timesteps, batch["context"], **_unet_kwargs(batch, cond, feats), mutable=["intermediates"]
+                unet_vars, noisy, timesteps, batch["context"], **_unet_kwargs(batch, cond, feats, self.unet.config.reference_concat), mutable=["intermediates"]
             )
             params["discriminator"] = self.discriminator.init(r_disc, inter["intermediates"]["mid_features"][0])["params"]
         return params
@@ -233,7 +233,7 @@ class MoEE:
         feats = reference_features(self.refnet, params["reference_net"], batch["ref_latents"], batch["context"])
         rngs = {} if rng is None else {"sample": rng, "dropout": jax.random.fold_in(rng, 1)}
         cond = self.conditioning.apply({"params": params["conditioning"]}, batch, train=train, rngs=rngs)
-        kwargs = _unet_kwargs(batch, cond, feats)
+        kwargs = _unet_kwargs(batch, cond, feats, self.unet.config.reference_concat)
         if not use_emotion:
             kwargs["emotion"] = None
         logits = None
@@ -262,8 +262,10 @@ def _sown(tree, name: str) -> list[jax.Array]:
     return out
 
 
-def _unet_kwargs(batch: dict, cond: ConditioningOutput, feats: dict) -> dict:
+def _unet_kwargs(batch: dict, cond: ConditioningOutput, feats: dict, reference_concat: bool = False) -> dict:
     kw = {"reference": feats, "emotion": cond.emotion}
+    if reference_concat:
+        kw["reference_latents"] = batch["ref_latents"]
     for key in ("reference_keep", "motion_frames", "face_locator", "audio_mask"):
         if batch.get(key) is not None:
             kw[key] = batch[key]

@@ -20,6 +20,10 @@ Boundary shapes (channels last):
   emotion        (B, Le, D_emo)          emotion tokens for the emotion slot (skipped when None), or
                                          a pytree with ``.tokens`` of that shape (e.g. EmotionCondition)
   face_locator   (B, F, h, w, C_0)       face-locator features added after ``conv_in``
+  reference_latents (B, h, w, C_lat)     with ``reference_concat``: the reference latent, joined to
+                                         every frame's input channels (zeros where
+                                         ``reference_keep`` is False), as image-to-video models
+                                         (Stable Video Diffusion) condition on their first frame
   → output       (B, F, h, w, C_out)
 """
 
@@ -68,6 +72,9 @@ class UNetConfig:
     motion_norm_num_groups: int = 32
     motion_mid_block: bool = True
     audio_dim: int | None = 768
+    # Also join the reference latent to every frame's input channels (conv_in takes 2 × in_channels):
+    # pixel-aligned identity for small models, beside ReferenceNet's attention.
+    reference_concat: bool = False
     # The emotion slot: a module factory ``slot(name=...)`` called as ``slot(x, emotion)`` inside every
     # spatial transformer block; ``emotion_dim`` is the width of its tokens.
     emotion_slot: Callable[..., nn.Module] | None = None
@@ -213,6 +220,7 @@ class VideoUNet(nn.Module):
         audio_mask: jax.Array | None = None,
         emotion: jax.Array | None = None,
         face_locator: jax.Array | None = None,
+        reference_latents: jax.Array | None = None,
         collect_reference: bool = False,
     ) -> jax.Array:
         cfg = self.config
@@ -221,6 +229,14 @@ class VideoUNet(nn.Module):
         m = 0 if motion_frames is None else motion_frames.shape[1]
         x = sample if m == 0 else jnp.concatenate([motion_frames.astype(sample.dtype), sample], axis=1)
         frames = f + m
+        if cfg.reference_concat:
+            if reference_latents is None or reference_latents.shape != (b, h, w, cfg.in_channels):
+                got = None if reference_latents is None else reference_latents.shape
+                raise ValueError(f"reference_concat needs reference_latents (B={b}, {h}, {w}, {cfg.in_channels}), got {got}")
+            ref = reference_latents.astype(x.dtype)
+            if reference_keep is not None:
+                ref = ref * reference_keep.astype(x.dtype)[:, None, None, None]
+            x = jnp.concatenate([x, jnp.broadcast_to(ref[:, None], x.shape[:-1] + (ref.shape[-1],))], axis=-1)
 
         temb = timestep_embedding(
             jnp.broadcast_to(timesteps, (b,)), cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift

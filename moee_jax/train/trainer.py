@@ -49,7 +49,7 @@ from moee_jax.parallel.mesh import make_mesh
 from moee_jax.parallel.rules import DEFAULT_RULES
 from moee_jax.parallel.sharding import logical_sharding, tree_shardings
 from moee_jax.train import metrics as metrics_lib
-from moee_jax.train.optim import ema_update, lr_schedule, make_optimizer
+from moee_jax.train.optim import ema_decay, ema_update, lr_schedule, make_optimizer
 from moee_jax.train.partition import count, is_trainable, merge_params, split_params
 from moee_jax.train.stages import STAGES, Stage, make_stage
 from moee_jax.train.state import TrainState
@@ -290,7 +290,7 @@ class Trainer:
             finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
             updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
             trainable = optax.apply_updates(state.trainable, updates)
-            ema = None if state.ema is None else ema_update(state.ema, trainable, decay)
+            ema = None if state.ema is None else ema_update(state.ema, trainable, ema_decay(decay, state.step))
 
             def pick(new, old):
                 return jax.tree_util.tree_map(lambda n, o: jnp.where(finite, n, o), new, old)
