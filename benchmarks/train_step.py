@@ -53,8 +53,9 @@ def main() -> None:
     import jax
 
     from moee_jax.data.builders.synthetic_talking_faces import SyntheticConfig, build
+    from moee_jax.parallel.sharding import to_global
     from moee_jax.train import metrics
-    from moee_jax.train.trainer import Trainer, to_global
+    from moee_jax.train.trainer import Trainer
 
     rows = []
     gemm_peak = None
@@ -82,7 +83,7 @@ def main() -> None:
             c.mesh.shape = (-1, 1, 1)
             t0 = time.perf_counter()
             trainer = Trainer(c, pathlib.Path(tmp) / f"run_{case.replace(':', '_')}")
-            state = trainer._init_state()
+            state = trainer.init_state()
             batch = to_global(trainer.example, trainer.batch_shardings)
             trainer.compile(state, batch)
             compile_s = time.perf_counter() - t0

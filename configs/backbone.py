@@ -131,4 +131,7 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     # Nested CFG scales, in condition order: reference, audio, emotion (Hallo uses 3.5 overall).
     c.guidance = ConfigDict(dict(reference=2.0, audio=3.5, emotion=3.5))
     c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))
+    # Logical axis → mesh axis pairs for params and activations (moee_jax.parallel.rules); None keeps
+    # the default table, which says why each choice is made.
+    c.sharding_rules = None
     return c

@@ -16,19 +16,11 @@ configs/stage1.py; on 2 CPU cores the emotion experts learn far faster next to a
 learning with them.
 """
 
-import importlib.util
-import pathlib
-
 from ml_collections import ConfigDict
 
+from moee_jax.configs import training
+
 VARIANTS = ("cpu", "gpu")
-
-
-def _training():
-    spec = importlib.util.spec_from_file_location("moee_configs_training", pathlib.Path(__file__).with_name("training.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def get_config(arg: str = "cpu") -> ConfigDict:
@@ -48,7 +40,6 @@ def get_config(arg: str = "cpu") -> ConfigDict:
     ))  # fmt: skip
     image = 32 if not gpu else 64
     steps = {"vae": 0, "stage1": 8000, "stage2": 1000} if not gpu else {"vae": 0, "stage1": 60000, "stage2": 10000}
-    training = _training()
     c.stages = ConfigDict()
     for stage, n in steps.items():
         s = training.training_config(stage, "tiny")
@@ -81,8 +72,10 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         s.train.warmup_steps = 200 if stage == "stage1" else 50
         s.train.schedule = "cosine"
         s.train.ema_decay = 0.999
-        s.train.min_snr_gamma = 5.0
-        s.train.joint_emotion = stage == "stage1"
+        if stage in ("stage1", "stage2"):
+            s.train.min_snr_gamma = 5.0
+        if stage == "stage1":
+            s.train.joint_emotion = True
         s.checkpoint.every_steps = 500
         s.checkpoint.export_ema = True
         s.mesh.shape = (-1, 1, 1)

@@ -1,17 +1,13 @@
-"""Shared training settings of every stage; the stage files (vae.py, embedder.py, stage1.py,
-stage2.py) call :func:`training_config`. Not a config file itself."""
+"""Training settings of the stages; the stage files (vae.py, embedder.py, stage1.py, stage2.py) call
+:func:`training_config`. Not a config file itself.
 
-import importlib.util
-import pathlib
+``train`` holds the optimisation fields every stage shares (:data:`COMMON`) and the objective's
+fields of its own stage only (:func:`objective`); ``data`` the pipeline's; ``checkpoint`` Orbax's.
+"""
 
 from ml_collections import ConfigDict
 
-
-def _backbone():
-    spec = importlib.util.spec_from_file_location("moee_configs_backbone", pathlib.Path(__file__).with_name("backbone.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+from moee_jax.configs import backbone
 
 
 def latent_factor(c: ConfigDict) -> int:
@@ -21,12 +17,9 @@ def latent_factor(c: ConfigDict) -> int:
     return 2 ** (len(c.model.vae.block_out_channels) - 1)
 
 
-def training_config(stage: str, variant: str) -> ConfigDict:
-    """``configs/backbone.py:<variant>`` plus ``stage``, ``train``, ``data`` and ``checkpoint``."""
-    c = _backbone().get_config(variant)
-    tiny = c.variant == "tiny"
-    c.stage = stage
-    c.train = ConfigDict(dict(
+def common(tiny: bool) -> dict:
+    """Optimisation, logging and initialisation: the ``train`` fields of every stage."""
+    return dict(
         steps=40 if tiny else 100_000,
         batch_size=8 if tiny else 64,  # global, over all processes; divisible by the data × fsdp mesh size
         learning_rate=1e-3 if tiny else 1e-5,
@@ -41,24 +34,41 @@ def training_config(stage: str, variant: str) -> ConfigDict:
         nan_patience=10,  # stop after this many non-finite steps in a row (their updates are skipped)
         init_from=[],  # final/ dirs of earlier stages; default: this run's earlier stages
         init_skip=[],  # path patterns the earlier stages do not fill (they keep their fresh initialisation)
-        # Diffusion losses (stage1 / stage2): MoEE §3.5.
-        min_snr_gamma=0.0,  # 0 disables min-SNR weighting; 5.0 is Hang et al.'s choice
-        noise_offset=0.0,
-        spatial_weight=0.1,  # L_spatial = w(t)(L1 + perceptual) on decoded x̂0 frames
-        spatial_frames=1,
-        perceptual=ConfigDict(dict(vgg="", lin="", weight=1.0, allow_pickle=False)),  # LPIPS weights, optional
-        cls_weight=0.1,  # L_cls (discriminator) in stage 2
-        vq_weight=1.0,  # L_vq (emotion bank) in stage 2
+    )  # fmt: skip
+
+
+def _perceptual() -> ConfigDict:
+    return ConfigDict(dict(vgg="", lin="", weight=1.0, allow_pickle=False))  # LPIPS weights, optional
+
+
+def objective(stage: str) -> dict:
+    """The ``train`` fields of ``stage``'s own objective (moee_jax.train.stages / .losses)."""
+    if stage == "vae":
+        # L1 + KL + perceptual reconstruction; then the latent statistics, measured on finalize_batches batches.
+        return dict(vae_frames=2, kl_weight=1e-6, perceptual=_perceptual(), finalize_batches=8)
+    if stage == "embedder":
+        return dict(info_nce_temperature=0.1)  # DICE-Talk eq. 8
+    diffusion = dict(
+        # MoEE §3.5: L_latent (+ min-SNR-γ weighting; 0 disables it, 5.0 is Hang et al.'s choice) and
+        # L_spatial = w(t)(L1 + perceptual) on decoded x̂0 frames.
+        min_snr_gamma=0.0, noise_offset=0.0, spatial_weight=0.1, spatial_frames=1, perceptual=_perceptual(),
         gate_weight=0.1,  # L_gate: every Emotion MoE gate network predicts the clip's palette (emotion stages)
-        # Stage 1 trains the backbone alone (MoEE's frozen two-stage schedule). True trains the emotion
-        # parts with it: a joint warm-up for small demos, not the paper's schedule.
-        joint_emotion=False,
-        finalize_batches=8,  # batches the vae stage measures the latent statistics on
-        # VAE stage
-        vae_frames=2, kl_weight=1e-6,
-        # Embedder stage
-        info_nce_temperature=0.1,
-    ))  # fmt: skip
+    )  # fmt: skip
+    if stage == "stage1":
+        # MoEE trains the backbone alone here (the frozen two-stage schedule); True trains the emotion parts
+        # with it: a joint warm-up for small demos, not the paper's schedule.
+        return dict(diffusion, joint_emotion=False)
+    if stage == "stage2":
+        return dict(diffusion, cls_weight=0.1, vq_weight=1.0)  # L_cls (discriminator), L_vq (emotion bank)
+    raise ValueError(f"unknown stage {stage!r}; choose vae, embedder, stage1 or stage2")
+
+
+def training_config(stage: str, variant: str) -> ConfigDict:
+    """``configs/backbone.py:<variant>`` plus ``stage``, ``train``, ``data`` and ``checkpoint``."""
+    c = backbone.get_config(variant)
+    tiny = c.variant == "tiny"
+    c.stage = stage
+    c.train = ConfigDict(dict(common(tiny), **objective(stage)))
     f, m = c.video.num_frames, c.video.motion_frames
     factor = latent_factor(c)
     c.data = ConfigDict(dict(

@@ -15,20 +15,35 @@ library function. ``moee <subcommand> --help`` lists its flags.
 from __future__ import annotations
 
 import logging
+import pathlib
 import sys
 
 from absl import app, flags
 from ml_collections import config_flags
 
-DEFAULT_CONFIG = "configs/backbone.py:tiny"
+# The configs shipped with the package (the repository's configs/): `--config stage1.py:tiny`,
+# `--config configs/stage1.py:tiny` and a path of one's own all work from any folder.
+CONFIGS = pathlib.Path(__file__).resolve().parent / "configs"
+DEFAULT_CONFIG = "backbone.py:tiny"
+
+
+def resolve_config(spec: str) -> str:
+    """``FILE[:variant]`` with ``FILE`` as given when it exists, else the shipped config of that name."""
+    path, sep, variant = spec.partition(":")
+    if pathlib.Path(path).exists() or not path.endswith(".py"):
+        return spec
+    shipped = CONFIGS / pathlib.Path(path).name
+    return f"{shipped}{sep}{variant}" if shipped.exists() else spec
 
 
 def _config_flag(default: str = DEFAULT_CONFIG):
-    return config_flags.DEFINE_config_file("config", default, "Config file and variant, e.g. configs/backbone.py:sd15.")
+    return config_flags.DEFINE_config_file(
+        "config", resolve_config(default), "Config file and variant, e.g. stage1.py:tiny or configs/backbone.py:sd15."
+    )
 
 
 def _convert() -> None:
-    config = _config_flag("configs/backbone.py:sd15")
+    config = _config_flag("backbone.py:sd15")
     unet = flags.DEFINE_string("unet", None, "diffusers U-Net folder (…/unet) or .safetensors file.", required=True)
     vae = flags.DEFINE_string("vae", None, "diffusers VAE folder (…/vae) or .safetensors file.")
     motion = flags.DEFINE_string("motion_adapter", None, "AnimateDiff motion adapter folder or .safetensors file.")
@@ -55,14 +70,14 @@ def _convert() -> None:
 
 
 def _demo() -> None:
-    config = _config_flag("configs/demo.py:cpu")
+    config = _config_flag("demo.py:cpu")
     out = flags.DEFINE_string("out", "outputs/demo", "Output directory (re-runs reuse its data, stages and reader).")
     scratch = flags.DEFINE_bool("from_scratch", False, "Train every stage and the reader instead of scoring the shipped checkpoint.")
     checkpoint = flags.DEFINE_string("checkpoint", None, "Score this run directory instead of the config's shipped checkpoint.")
 
     def main(argv):
         del argv
-        from moee_jax.inference.demo import DemoError, run_demo
+        from moee_jax.demo import DemoError, run_demo
 
         try:
             summary = run_demo(config.value, out.value, from_scratch=scratch.value, checkpoint=checkpoint.value)
@@ -130,7 +145,7 @@ def _prepare() -> None:
 
 
 def _train() -> None:
-    config = _config_flag("configs/stage1.py:tiny")
+    config = _config_flag("stage1.py:tiny")
     run_dir = flags.DEFINE_string("run_dir", None, "Run directory (local path or gs://); every stage writes RUN/<stage>/.", required=True)
     max_steps = flags.DEFINE_integer("max_steps", None, "Stop after this many steps of this invocation (resume later).")
 
@@ -185,8 +200,11 @@ def _animate() -> None:
 
         absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every restore step at INFO
 
-        from moee_jax.inference.animate import Animator, animate_batch, animate_to_file, check_outputs
+        from moee_jax.checkpoint.run import RunError
+        from moee_jax.inference.animator import Animator
+        from moee_jax.inference.batch import animate_batch
         from moee_jax.inference.inputs import InputError, parse_emotion
+        from moee_jax.inference.outputs import animate_to_file, check_outputs
 
         options = dict(
             steps=steps.value, sampler=sampler.value, seed=seed.value, detect=not no_detect.value,
@@ -229,7 +247,7 @@ def _animate() -> None:
                 )  # fmt: skip
             for warning in animation.warnings:
                 print(f"moee animate: warning: {warning}", file=sys.stderr)
-        except InputError as e:
+        except (InputError, RunError) as e:
             sys.exit(f"moee animate: {e}")
         print(
             f"wrote {out.value}: {animation.plan.num_frames} frames ({animation.settings['audio_seconds']:.2f} s) "
@@ -271,8 +289,8 @@ def _reader(f, run_dir: str, data_dir: str | None = None, dataset: str | None = 
     trained there first when absent or drawn at another size than the dataset's frames."""
     import pathlib
 
+    from moee_jax.checkpoint.run import load_run_config, resolve_checkpoint
     from moee_jax.eval.evaluate import cached_reader, dataset_frame_size, run_dataset
-    from moee_jax.inference.inputs import load_run_config, resolve_checkpoint
 
     size = int(load_run_config(resolve_checkpoint(run_dir)).video.image_size[0])
     if data_dir is None or dataset is None:
@@ -390,14 +408,25 @@ def run(argv: list[str] | None = None) -> None:
     if command == "analyze":  # argparse-based (python -m moee_jax.analysis)
         from moee_jax.analysis.__main__ import main as analyze
 
-        sys.exit(analyze([_underscored(a) for a in argv[2:]]))
+        sys.exit(analyze([underscored(a) for a in argv[2:]]))
     # absl logs at INFO; jax's backend probe would report every platform it did not find (TPU, GPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     main = COMMANDS[command]()
-    app.run(main, argv=[f"moee {command}"] + [_underscored(a) for a in argv[2:]])
+    app.run(main, argv=[f"moee {command}"] + _config_paths([underscored(a) for a in argv[2:]]))
 
 
-def _underscored(arg: str) -> str:
+def _config_paths(args: list[str]) -> list[str]:
+    """Every ``--config FILE[:variant]`` value resolved by :func:`resolve_config`."""
+    out = list(args)
+    for i, arg in enumerate(out):
+        if arg.startswith("--config="):
+            out[i] = "--config=" + resolve_config(arg.removeprefix("--config="))
+        elif arg == "--config" and i + 1 < len(out):
+            out[i + 1] = resolve_config(out[i + 1])
+    return out
+
+
+def underscored(arg: str) -> str:
     """``--emotion-text=x`` → ``--emotion_text=x``: flags may be spelt with hyphens or underscores."""
     if not arg.startswith("--") or arg == "--":
         return arg

@@ -196,18 +196,20 @@ def test_the_embedder_comes_from_the_embedder_stage_and_is_absent_without_one(ru
     assert extract.token_kinds(animator) == ("label", "audio")
 
 
-def test_video_emotion_inputs_are_the_clips_own_masked_frames_and_speech(animator):
+def test_video_emotion_sources_are_the_clips_own_masked_frames_and_speech(animator):
     sample = {
         "frames": np.full((4, 32, 32, 3), 255, np.uint8),
         "mouth_mask": np.eye(16, dtype=np.float32)[None].repeat(4, 0),
         "mel": np.arange(8 * 32, dtype=np.float32).reshape(8, 32),
+        "palette": np.eye(6, dtype=np.float32)[0],
     }
-    inputs = extract.clip_emotion_inputs(animator, sample, "video")
-    np.testing.assert_allclose(inputs["expression_frames"], 1.0)
-    assert inputs["mouth_mask"].shape == (1, 4, 32, 32) and inputs["mouth_mask"][0, 0, 5, 4] == 1.0  # 2× nearest upsampling
-    np.testing.assert_array_equal(inputs["embedder_audio"][0], sample["mel"][2:6])  # the F target frames, context dropped
+    sources = extract.clip_emotion_sources(animator, sample, "video")
+    np.testing.assert_allclose(sources.expression_frames, 1.0)
+    assert sources.mouth_mask.shape == (1, 4, 32, 32) and sources.mouth_mask[0, 0, 5, 4] == 1.0  # 2× nearest upsampling
+    np.testing.assert_array_equal(sources.embedder_audio[0], sample["mel"][2:6])  # the F target frames, context dropped
+    assert not sources.palette_keep.any()  # the clip carries the emotion: the gate network acts
     with pytest.raises(ValueError, match="kind"):
-        extract.clip_emotion_inputs(animator, sample, "text")
+        extract.clip_emotion_sources(animator, sample, "text")
 
 
 def test_selecting_rows_keeps_every_per_row_array_aligned(latents):
@@ -225,13 +227,15 @@ def test_embedder_priors_are_the_embedder_stage_on_training_inputs(latents, run_
     """Row 0 recomputed the way the embedder stage computes it from a pipeline batch, per mode; the
     video-only prior has σ² = 0 (absent audio is zeroed audio: uniform queries), so σ = √eps."""
     from moee_jax.data.pipeline import open_source
-    from moee_jax.train.stages import _embedder_inputs
+    from moee_jax.models.features import embedder_inputs
 
     embedder = extract.load_embedder(run_dir)
     source = open_source(*synthetic_tfds, "test")
     keys = [i for i in range(len(source)) if source[i]["id"].decode() == latents.clip_id[0]]
     sample = extract.window_samples(source, embedder.config, keys, 1, 0)[0]
-    audio, frames, mouth = _embedder_inputs({k: jnp.asarray(v)[None] for k, v in sample.items()}, embedder.config.data)
+    d = embedder.config.data
+    batch = {k: jnp.asarray(v)[None] for k, v in sample.items()}
+    audio, frames, mouth = embedder_inputs(batch, d.num_frames, d.audio_context_frames, d.mask_downsample)
     for mode, args in (("audio", (audio, None, None)), ("video", (None, frames, mouth)), ("both", (audio, frames, mouth))):
         prior = embedder.module.apply({"params": embedder.params}, *args, deterministic=True)
         np.testing.assert_allclose(latents.mu[mode][0], np.asarray(prior.mu[0]), rtol=1e-5, atol=1e-6)
@@ -241,20 +245,20 @@ def test_embedder_priors_are_the_embedder_stage_on_training_inputs(latents, run_
 
 
 def test_label_tokens_are_the_conditioning_of_a_training_sample(latents, animator, run_dir, synthetic_tfds):
-    """Emotion-to-Latents over the clip's palette and speech with nothing dropped, as stage 2 trains it;
-    speech-only tokens are those with the label dropped."""
+    """Emotion-to-Latents over the clip's palette alone, as training's label mode conditions it;
+    speech-only tokens are those of the speech with the label dropped."""
     from moee_jax.data.pipeline import open_source
-    from moee_jax.train.stages import frame_mel
+    from moee_jax.models.conditioning import EmotionSources
 
     source = open_source(*synthetic_tfds, "test")
     keys = [i for i in range(len(source)) if source[i]["id"].decode() == latents.clip_id[0]]
     sample = extract.window_samples(source, animator.config, keys, 1, 0)[0]
-    speech = frame_mel(jnp.asarray(sample["mel"])[None], animator.clip_frames, animator.context_frames)
-    conditioning = animator.model.conditioning
+    speech = animator.system.speech_features(jnp.asarray(sample["mel"])[None])
     params = {"params": animator.params["conditioning"]}
-    for kind, label, drop in (("label", sample["palette"], [False, False, False]), ("audio", np.zeros(6), [True, False, True])):
-        batch = {"emotion_label": jnp.asarray(label, jnp.float32)[None], "speech_features": speech, "emotion_drop": jnp.asarray([drop])}
-        tokens = conditioning.apply(params, batch, train=False).emotion.tokens[0]
+    for kind, label, drop in (("label", sample["palette"], [True, True, False]), ("audio", np.zeros(6), [True, False, True])):
+        label = jnp.asarray(label, jnp.float32)[None]
+        sources = EmotionSources(drop=jnp.asarray([drop]), palette=label, palette_keep=jnp.asarray([False]), label=label, speech=speech)
+        tokens = animator.system.conditioning.apply(params, None, sources, train=False).emotion.tokens[0]
         np.testing.assert_allclose(latents.tokens[kind][0], np.asarray(tokens), rtol=1e-5, atol=1e-6)
     assert not np.allclose(latents.tokens["label"], latents.tokens["audio"])
 
@@ -445,7 +449,7 @@ def test_components_markdown_counts_components_per_threshold():
 
 
 def test_report_json_is_strict_json_with_undefined_and_infinite_strengths_spelt_out():
-    text = json.dumps(report._jsonable({"a": {"x": math.nan, "y": math.inf, "z": np.float32(1.5), "n": np.int64(3)}}), allow_nan=False)
+    text = json.dumps(report.jsonable({"a": {"x": math.nan, "y": math.inf, "z": np.float32(1.5), "n": np.int64(3)}}), allow_nan=False)
     assert json.loads(text) == {"a": {"x": None, "y": "inf", "z": 1.5, "n": 3}}
 
 

@@ -8,6 +8,7 @@ every conditioning path changes the output; the video is still noise-like.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -22,23 +23,17 @@ import soundfile as sf
 from flax import traverse_util
 from PIL import Image
 
-from moee_jax.data.audio import SAMPLE_RATE, num_video_frames
-from moee_jax.data.pipeline import _audio_window, frame_log_mel
+from moee_jax.checkpoint.run import RunError
+from moee_jax.data.audio import SAMPLE_RATE, audio_window, frame_log_mel, num_video_frames
 from moee_jax.data.synthetic import generate_clip
 from moee_jax.data.video_io import read_video
 from moee_jax.emotions import parse_palette
 from moee_jax.inference import inputs as inputs_lib
-from moee_jax.inference.animate import (
-    Animation,
-    Animator,
-    animate_batch,
-    animate_to_file,
-    save_animation,
-)
+from moee_jax.inference.animator import Animation, Animator
+from moee_jax.inference.batch import animate_batch
 from moee_jax.inference.inputs import InputError, parse_emotion
 from moee_jax.inference.long_audio import clip_audio_features, plan_clips, roll_clips
-from moee_jax.models.reference import reference_features
-from moee_jax.train.stages import mel_windows
+from moee_jax.inference.outputs import animate_to_file, save_animation
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 STEPS = 2
@@ -100,16 +95,16 @@ def test_clip_audio_features_are_the_training_windows_with_context_from_the_neig
     mel = clip_audio_features(audio, plan, 32)
     assert mel.shape == (plan.num_clips, 4 + 2 * 2, 32) and mel.dtype == np.float32
     # Each clip's features are the pipeline's for the window [kF − c, kF + F + c) of the record.
-    np.testing.assert_array_equal(mel[3], frame_log_mel(_audio_window(audio, 25.0, 3 * 4 - 2, 8), 25.0, 32))
+    np.testing.assert_array_equal(mel[3], frame_log_mel(audio_window(audio, 25.0, 3 * 4 - 2, 8), 25.0, 32))
     # Away from the window's own edges (frames 1 … F + 2c − 2), a frame's feature is that of the
     # whole recording: the context before clip k is the end of clip k − 1's speech, not silence.
-    whole = frame_log_mel(_audio_window(audio, 25.0, -2, plan.padded_frames + 4), 25.0, 32)  # frame j at row j + 2
+    whole = frame_log_mel(audio_window(audio, 25.0, -2, plan.padded_frames + 4), 25.0, 32)  # frame j at row j + 2
     for k in range(1, plan.num_clips):
         start = plan.clip_start(k)
         np.testing.assert_allclose(mel[k, 1:-1], whole[start + 1 : start + 7], atol=1e-5)  # frames kF − 1 … kF + 4
     # Clips padded with silence instead would differ there.
     isolated = np.stack([
-        frame_log_mel(_audio_window(audio[plan.clip_start(k) * 640 : (plan.clip_start(k) + 4) * 640], 25.0, -2, 8), 25.0, 32)
+        frame_log_mel(audio_window(audio[plan.clip_start(k) * 640 : (plan.clip_start(k) + 4) * 640], 25.0, -2, 8), 25.0, 32)
         for k in range(1, plan.num_clips - 1)
     ])  # fmt: skip
     assert np.abs(mel[1:-1, :2] - isolated[:, :2]).max() > 0.5
@@ -205,7 +200,7 @@ def test_bad_input_is_a_clear_error_and_leaves_no_output(case, animator, media, 
 
 
 def test_missing_checkpoint_directory_is_a_clear_error(tmp_path):
-    with pytest.raises(InputError, match="directory not found") as err:
+    with pytest.raises(RunError, match="directory not found") as err:
         Animator.from_run(tmp_path / "no_such_run")
     assert str(tmp_path / "no_such_run") in str(err.value)
 
@@ -215,7 +210,7 @@ def test_stage1_run_is_refused_as_the_wrong_stage_naming_what_to_run(tmp_path):
     (final / "params").mkdir(parents=True)
     (final / "metadata.json").write_text(json.dumps({"stage": "stage1", "parts": ["unet"], "step": 100}))
     (final.parent / "config.json").write_text("{}")
-    with pytest.raises(InputError) as err:
+    with pytest.raises(RunError) as err:
         Animator.from_run(tmp_path / "run")
     message = str(err.value)
     assert "wrong stage" in message and "stage1" in message and "no emotion modules" in message
@@ -224,7 +219,7 @@ def test_stage1_run_is_refused_as_the_wrong_stage_naming_what_to_run(tmp_path):
 
 def test_unfinished_stage2_is_a_clear_error(tmp_path):
     (tmp_path / "run" / "stage2" / "checkpoints").mkdir(parents=True)
-    with pytest.raises(InputError, match="not finished"):
+    with pytest.raises(RunError, match="not finished"):
         Animator.from_run(tmp_path / "run")
 
 
@@ -394,18 +389,13 @@ def _gates(animator, job):
     """The global gates ``g`` every Emotion MoE used on clip 0: a list of ``(frames, 6)``."""
 
     @jax.jit
-    def run(p, emotion_inputs, mel, ref_latents, face_features):
+    def run(p, emotion, mel, ref_latents, face_features):
         motion = jnp.repeat(ref_latents[:, None], animator.motion_frames, axis=1)
-        cond = animator.clip_conditions(p, emotion_inputs, mel, ref_latents, face_features, motion)
-        features = reference_features(animator.model.refnet, p["reference_net"], cond.ref_latents, cond.context)
+        cond = animator.clip_conditions(p, emotion, mel, ref_latents, face_features, motion)
         noisy = jnp.zeros((1, animator.clip_frames) + ref_latents.shape[1:])
-        _, inter = animator.model.unet.apply(
-            {"params": p["unet"]}, noisy, jnp.array([500]), cond.context, reference=features, audio=cond.audio,
-            emotion=cond.emotion, motion_frames=motion, face_locator=cond.face_locator, mutable=["intermediates"],
-        )  # fmt: skip
-        return inter["intermediates"]
+        return animator.system.denoise(p, cond, noisy, jnp.array([500]), capture=True).intermediates
 
-    inter = run(animator.params, job.emotion_inputs, jnp.asarray(job.mel[:1]), job.ref_latents, job.face_features)
+    inter = run(animator.params, job.emotion, jnp.asarray(job.mel[:1]), job.ref_latents, job.face_features)
     flat = traverse_util.flatten_dict(inter)
     return [np.asarray(v[0]) for k, v in flat.items() if k[-1] == "global_gates"]
 
@@ -416,8 +406,8 @@ def test_compound_palette_reaches_every_emotion_moe_as_the_global_gate(animator,
     assert spec.kind == "palette"
     job = animator.prepare(face, audio, spec, steps=STEPS, detect=False)
     palette = parse_palette("happy:0.6,surprised:0.4")
-    np.testing.assert_array_equal(job.emotion_inputs["palette"], palette[None])
-    np.testing.assert_array_equal(job.emotion_inputs["emotion_label"], palette[None])  # and the label MLP sees it
+    np.testing.assert_array_equal(job.emotion.palette, palette[None])
+    np.testing.assert_array_equal(job.emotion.label, palette[None])  # and the label MLP sees it
     gates = _gates(animator, job)
     assert len(gates) >= 2
     for g in gates:
@@ -430,22 +420,21 @@ def test_compound_palette_reaches_every_emotion_moe_as_the_global_gate(animator,
             np.testing.assert_allclose(g, np.broadcast_to(want, g.shape), atol=1e-6)
     # Without a label (emotion from the speech) the gate network acts.
     spoken = animator.prepare(face, audio, parse_emotion(emotion_from_audio=True), steps=STEPS, detect=False)
-    np.testing.assert_array_equal(spoken.emotion_inputs["palette_keep"], [False])
+    np.testing.assert_array_equal(spoken.emotion.palette_keep, [False])
     learned = _gates(animator, spoken)
     assert all(np.all((g > 0) & (g < 1)) for g in learned)
 
 
 def test_dropped_audio_branch_is_what_training_saw_when_audio_was_dropped(animator, media):
-    """Training drops audio by zeroing the windows before the projection (stages.model_inputs); the
+    """Training drops audio by zeroing the windows before the projection (MoEESystem.encode); the
     unconditional audio branch of guidance must use the same tokens, not zeros."""
     job = animator.prepare(media["dir"] / "face.png", media["dir"] / "short.wav", parse_emotion("happy"), steps=STEPS, detect=False)
     mel = jnp.asarray(job.mel[:1])
-    cond = animator.clip_conditions(
-        animator.params, job.emotion_inputs, mel, job.ref_latents, job.face_features, animator.first_motion(job)
-    )
-    windows = mel_windows(mel, animator.clip_frames, animator.context_frames)
-    trained_null = animator.model.conditioning.apply(
-        {"params": animator.params["conditioning"]}, {"audio_windows": windows * 0.0, **job.emotion_inputs}, train=False
+    cond = animator.clip_conditions(animator.params, job.emotion, mel, job.ref_latents, job.face_features, animator.first_motion(job))
+    windows = animator.system.audio_windows(mel)
+    sources = animator.clip_emotion(job.emotion, mel)
+    trained_null = animator.system.conditioning.apply(
+        {"params": animator.params["conditioning"]}, windows * 0.0, sources, train=False
     ).audio
     np.testing.assert_allclose(np.asarray(cond.null_audio), np.asarray(trained_null), rtol=1e-6, atol=1e-7)
     assert cond.null_audio.shape == cond.audio.shape
@@ -455,24 +444,24 @@ def test_dropped_audio_branch_is_what_training_saw_when_audio_was_dropped(animat
 def test_emotion_from_audio_drops_the_label_and_keeps_the_speech(animator, media):
     face, audio = media["dir"] / "face.png", media["dir"] / "speech.wav"
     job = animator.prepare(face, audio, parse_emotion(emotion_from_audio=True), steps=STEPS, detect=False)
-    np.testing.assert_array_equal(job.emotion_inputs["emotion_drop"], [[True, False, True]])  # (text, speech, label)
+    np.testing.assert_array_equal(job.emotion.drop, [[True, False, True]])  # (text, speech, label)
     labelled = animator.prepare(face, audio, parse_emotion("angry"), steps=STEPS, detect=False)
     # A label is the emotion alone: the speech source is dropped, as training's label mode drops it.
-    np.testing.assert_array_equal(labelled.emotion_inputs["emotion_drop"], [[True, True, False]])
+    np.testing.assert_array_equal(labelled.emotion.drop, [[True, True, False]])
 
-    def tokens(inputs, clip):
+    def tokens(sources, clip):
         cond = animator.clip_conditions(
-            animator.params, inputs, jnp.asarray(job.mel[clip : clip + 1]), job.ref_latents, job.face_features, animator.first_motion(job)
+            animator.params, sources, jnp.asarray(job.mel[clip : clip + 1]), job.ref_latents, job.face_features, animator.first_motion(job)
         )
-        return np.asarray(cond.emotion.tokens), np.asarray(cond.null_emotion)
+        return np.asarray(cond.emotion.tokens), np.asarray(cond.null_emotion.tokens)
 
-    from_audio, null = tokens(job.emotion_inputs, 0)
+    from_audio, null = tokens(job.emotion, 0)
     # The label is dropped: whatever label weights ride along, the tokens are those of the speech alone.
-    with_label = dict(job.emotion_inputs, emotion_label=labelled.emotion_inputs["emotion_label"])
+    with_label = dataclasses.replace(job.emotion, label=labelled.emotion.label)
     np.testing.assert_allclose(tokens(with_label, 0)[0], from_audio, atol=1e-6)
-    assert np.abs(tokens(labelled.emotion_inputs, 0)[0] - from_audio).max() > 1e-4
+    assert np.abs(tokens(labelled.emotion, 0)[0] - from_audio).max() > 1e-4
     # The speech is kept: another clip's speech gives other tokens, and they are not the null tokens.
-    assert np.abs(tokens(job.emotion_inputs, 5)[0] - from_audio).max() > 1e-4
+    assert np.abs(tokens(job.emotion, 5)[0] - from_audio).max() > 1e-4
     assert np.abs(from_audio - null).max() > 1e-4
 
 
@@ -498,12 +487,12 @@ def _small_animation(media) -> Animation:
 
 
 def test_a_failed_write_leaves_nothing_behind(media, tmp_path, monkeypatch):
-    from moee_jax.inference import animate as animate_lib
+    from moee_jax.inference import outputs as outputs_lib
 
     def broken(path, text):
         raise OSError("disk full")
 
-    monkeypatch.setattr(animate_lib, "_write_text_atomic", broken)
+    monkeypatch.setattr(outputs_lib, "atomic_write_text", broken)
     with pytest.raises(OSError, match="disk full"):
         save_animation(_small_animation(media), tmp_path / "out" / "video.mp4", frames_dir=tmp_path / "out" / "frames")
     assert _files(tmp_path / "out") == []
@@ -557,11 +546,11 @@ def _moee(*args: str) -> subprocess.CompletedProcess:
 
 
 def test_flags_may_be_spelt_with_hyphens_or_underscores():
-    from moee_jax.cli import _underscored
+    from moee_jax.cli import underscored
 
-    assert _underscored("--emotion-from-audio") == "--emotion_from_audio"
-    assert _underscored("--emotion-text=a calm-ish voice") == "--emotion_text=a calm-ish voice"  # the value is kept
-    assert [_underscored(a) for a in ("-v", "--", "happy:0.6,surprised:0.4")] == ["-v", "--", "happy:0.6,surprised:0.4"]
+    assert underscored("--emotion-from-audio") == "--emotion_from_audio"
+    assert underscored("--emotion-text=a calm-ish voice") == "--emotion_text=a calm-ish voice"  # the value is kept
+    assert [underscored(a) for a in ("-v", "--", "happy:0.6,surprised:0.4")] == ["-v", "--", "happy:0.6,surprised:0.4"]
 
 
 @pytest.mark.slow  # minutes of CPU: run with `make test-slow`

@@ -3,9 +3,6 @@ checkpoints (diffusers models built on torch's ``meta`` device: shapes only, no 
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import flax.linen as nn
 import jax
 import numpy as np
@@ -16,8 +13,6 @@ from moee_jax.checkpoint.convert.state_dict import torch_key_to_path
 from moee_jax.checkpoint.convert.vae import abstract_params as abstract_vae_params
 from moee_jax.models.build import build_backbone
 from moee_jax.models.init import abstract_unet_variables
-
-CONFIG = pathlib.Path(__file__).resolve().parent.parent / "configs" / "backbone.py"
 
 SD15_UNET = dict(
     sample_size=64,
@@ -39,10 +34,9 @@ SD_VAE = dict(
 
 
 def get_config(variant):
-    spec = importlib.util.spec_from_file_location("backbone_config", CONFIG)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
+    from moee_jax.configs import backbone
+
+    return backbone.get_config(variant)
 
 
 def _torch_shapes(state_dict, skip=lambda k: False) -> dict:
@@ -123,33 +117,45 @@ def test_sd15_vae_matches_the_sd_vae(torch):
     ],
 )
 def test_config_chooses_the_emotion_conditioning(overrides, parts):
-    from moee_jax.models.moee import build_moee_from_config
+    from moee_jax.configs import stage2
+    from moee_jax.models.system import MoEESystem
+    from tests.train_helpers import fake_batch
 
-    cfg = get_config("tiny")
+    cfg = stage2.get_config("tiny")
     cfg.model.emotion.update(overrides)
-    model = build_moee_from_config(cfg)
-    assert (model.discriminator is not None) == bool(overrides.get("discriminator"))
-    e = cfg.model.emotion
-    batch = {
-        "ref_latents": jax.ShapeDtypeStruct((1, 4, 4, 4), np.float32),
-        "context": jax.ShapeDtypeStruct((1, 2, cfg.model.unet.cross_attention_dim), np.float32),
-        "audio_windows": jax.ShapeDtypeStruct((1, 2, 5, 3, 8), np.float32),
-        "emotion_label": jax.ShapeDtypeStruct((1, 6), np.float32),
-        "text_features": jax.ShapeDtypeStruct((1, 3, e.text_dim), np.float32),
-        "speech_features": jax.ShapeDtypeStruct((1, 3, e.speech_dim), np.float32),
-        "embedder_audio": jax.ShapeDtypeStruct((1, 3, 8), np.float32),
-        "expression_frames": jax.ShapeDtypeStruct((1, 3, 16, 16, 3), np.float32),
-        "mouth_mask": jax.ShapeDtypeStruct((1, 3, 16, 16), np.float32),
-    }
-    noisy = jax.ShapeDtypeStruct((1, 2, 4, 4, 4), np.float32)
-    t = jax.ShapeDtypeStruct((1,), np.int32)
-    params = jax.eval_shape(model.init, jax.random.key(0), batch, noisy, t)
+    system = MoEESystem(cfg)
+    assert (system.discriminator is not None) == bool(overrides.get("discriminator"))
+    params = jax.eval_shape(system.init, jax.random.key(0), fake_batch(cfg, batch=1))
     assert parts <= set(params["conditioning"])
     assert "emotion" in params["unet"]["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]
 
 
+def test_every_stage_block_holds_only_its_own_training_fields():
+    from moee_jax.configs import training
+
+    fields = {stage: set(training.training_config(stage, "tiny").train) for stage in ("vae", "embedder", "stage1", "stage2")}
+    common = set(training.common(True))
+    assert fields["vae"] - common == {"vae_frames", "kl_weight", "perceptual", "finalize_batches"}
+    assert fields["embedder"] - common == {"info_nce_temperature"}
+    assert "info_nce_temperature" not in fields["vae"] | fields["stage1"] | fields["stage2"]
+    assert {"joint_emotion"} <= fields["stage1"] and not {"cls_weight", "vq_weight"} & fields["stage1"]
+    assert {"cls_weight", "vq_weight"} <= fields["stage2"] and "joint_emotion" not in fields["stage2"]
+
+
+def test_sharding_rules_live_in_the_config_and_default_to_the_table():
+    from moee_jax.parallel.rules import DEFAULT_RULES, rules_from_config
+
+    cfg = get_config("tiny")
+    assert cfg.sharding_rules is None and rules_from_config(cfg) == DEFAULT_RULES
+    cfg.sharding_rules = (("embed", None), ("batch", ("data", "fsdp")))
+    assert rules_from_config(cfg) == (("embed", None), ("batch", ("data", "fsdp")))
+    cfg.sharding_rules = (("embed",),)
+    with pytest.raises(ValueError, match=r"sharding_rules\[0\]"):
+        rules_from_config(cfg)
+
+
 def test_emotion_config_errors_are_named():
-    from moee_jax.models.moee import EmotionConfig
+    from moee_jax.models.conditioning import EmotionConfig
 
     with pytest.raises(ValueError, match="sources"):
         EmotionConfig(sources=("smell",))
@@ -162,7 +168,7 @@ def test_emotion_config_errors_are_named():
 
 
 def test_unknown_model_config_fields_are_named():
-    from moee_jax.models.moee import EmotionConfig
+    from moee_jax.models.conditioning import EmotionConfig
     from moee_jax.models.unet import UNetConfig
 
     with pytest.raises(ValueError, match="U-Net config.*layers_per_blok"):

@@ -96,7 +96,8 @@ def moe():
 
 @pytest.fixture(scope="module")
 def boxed(moe, inputs):
-    return jax.jit(moe.init)(jax.random.key(0), *inputs)
+    x, tokens = inputs
+    return jax.jit(moe.init)(jax.random.key(0), x, EmotionCondition(tokens))
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +131,7 @@ def _layer_norm(x, scale, bias, eps=1e-5):
 
 def test_vectorised_experts_equal_a_per_expert_loop(params, inputs, run):
     x, tokens = inputs
-    out, _ = run(params, x, tokens)
+    out, _ = run(params, x, EmotionCondition(tokens))
 
     h = _layer_norm(x, params["norm"]["scale"], params["norm"]["bias"])
     local, glob = params["local_gate"], params["global_gate"]
@@ -176,8 +177,8 @@ def test_one_hot_palette_output_ignores_the_other_experts(params, inputs, run):
 
 def test_local_gates_lie_in_the_open_unit_interval_and_the_learned_global_gate_leaves_room_for_no_emotion(params, inputs, run):
     x, tokens = inputs
-    local, glob = _gates(run(params, x, tokens)[1])
-    logits = run(params, x, tokens)[1]["intermediates"]["global_gate_logits"][0]
+    local, glob = _gates(run(params, x, EmotionCondition(tokens))[1])
+    logits = run(params, x, EmotionCondition(tokens))[1]["intermediates"]["global_gate_logits"][0]
     assert local.shape == (B * F, L, E) and glob.shape == (B * F, E) and logits.shape == (B * F, E + 1)
     assert np.all((local > 0) & (local < 1))
     assert np.all(glob > 0)
@@ -189,7 +190,7 @@ def test_local_gates_lie_in_the_open_unit_interval_and_the_learned_global_gate_l
 def test_palette_keep_chooses_per_clip_between_the_palette_and_the_learned_gate(params, inputs, run):
     x, tokens = inputs
     palette = np.stack([parse_palette("angry"), parse_palette("sad")])
-    _, learned = _gates(run(params, x, tokens)[1])
+    _, learned = _gates(run(params, x, EmotionCondition(tokens))[1])
     _, glob = _gates(run(params, x, EmotionCondition(tokens, jnp.asarray(palette), jnp.array([True, False])))[1])
     np.testing.assert_array_equal(glob[:F], np.repeat(palette[:1], F, axis=0))  # clip 0: its label's expert
     np.testing.assert_array_equal(glob[F:], learned[F:])  # clip 1: emotion not from a label, the gate network acts
@@ -224,7 +225,7 @@ def test_stacked_expert_params_carry_the_expert_logical_axis(boxed):
 
 def test_fresh_moe_is_the_identity(boxed, inputs, run):
     x, tokens = inputs
-    np.testing.assert_array_equal(run(nn.unbox(boxed)["params"], x, tokens)[0], x)
+    np.testing.assert_array_equal(run(nn.unbox(boxed)["params"], x, EmotionCondition(tokens))[0], x)
 
 
 @pytest.mark.parametrize(
@@ -238,9 +239,9 @@ def test_fresh_moe_is_the_identity(boxed, inputs, run):
 def test_ablation_variants_have_their_parameter_structure_and_gates(variant, param_names, inputs):
     x, tokens = inputs
     moe = EmotionMoE(heads=HEADS, variant=variant)
-    boxed = jax.jit(moe.init)(jax.random.key(0), x, tokens)
+    boxed = jax.jit(moe.init)(jax.random.key(0), x, EmotionCondition(tokens))
     assert set(boxed["params"]) == param_names
-    out, inter = jax.jit(lambda v: moe.apply(v, x, tokens, mutable="intermediates"))(nn.unbox(boxed))
+    out, inter = jax.jit(lambda v: moe.apply(v, x, EmotionCondition(tokens), mutable="intermediates"))(nn.unbox(boxed))
     assert out.shape == x.shape
     if variant == "single":
         assert all("expert" not in tuple(spec) for spec in _specs(nn.get_partition_spec(boxed)))

@@ -11,12 +11,11 @@ import pytest
 from flax import traverse_util
 
 from moee_jax.checkpoint.orbax import save_params
+from moee_jax.checkpoint.run import RunError, restore_final, restore_parts
 from moee_jax.data.pipeline import open_source
 from moee_jax.eval import ablation as A
 from moee_jax.eval import evaluate as E
 from moee_jax.eval import reader as R
-from moee_jax.inference.animate import _restore_on_one_device
-from moee_jax.train.trainer import TrainingError, _restore_parts
 from tests.train_helpers import export_initialised_stage, single_device_trainer, stage_config
 
 
@@ -114,7 +113,7 @@ def _restore(path, current, trainable_patterns):
     mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
     sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     shardings = jax.tree_util.tree_map(lambda _: sharding, current)
-    return _restore_parts(path, {"unet": current}, {"unet": shardings}, lambda name: any(p in name for p in trainable_patterns))["unet"]
+    return restore_parts(path, {"unet": current}, {"unet": shardings}, lambda name: any(p in name for p in trainable_patterns))["unet"]
 
 
 def test_an_earlier_stage_fills_every_weight_it_has_and_new_trainable_ones_keep_their_initialisation(tmp_path):
@@ -134,7 +133,7 @@ def test_an_earlier_stage_fills_every_weight_it_has_and_new_trainable_ones_keep_
 def test_a_frozen_weight_the_earlier_stage_lacks_or_shapes_differently_is_an_error_naming_it(tmp_path):
     path = _toy_checkpoint(tmp_path / "stage1", {"unet": {"conv": {"kernel": np.zeros((2, 3), np.float32)}}})
     current = {"conv": {"kernel": np.zeros((4, 3), np.float32)}, "norm": {"scale": np.ones((3,), np.float32)}}
-    with pytest.raises(TrainingError, match=r"cannot fill: unet/conv/kernel \(model \(4, 3\), checkpoint shape \(2, 3\)\); "
+    with pytest.raises(RunError, match=r"cannot fill: unet/conv/kernel \(model \(4, 3\), checkpoint shape \(2, 3\)\); "
                                             r"unet/norm/scale \(model \(3,\), checkpoint absent\)"):  # fmt: skip
         _restore(path, current, ["/emotion/"])
 
@@ -145,9 +144,9 @@ def test_stage2_of_another_moe_variant_keeps_stage1s_weights_and_initialises_its
     base = stage_config("stage2", synthetic_tfds[0])
     c = A.variant_config(base, run_dir, "no_moe")
     trainer = single_device_trainer(c, tmp_path / "no_moe")
-    state = trainer._init_state()
+    state = trainer.init_state()
     assert "new trainable tensors initialised" in trainer.initialised_from["unet"]
-    stage1 = traverse_util.flatten_dict(jax.device_get(_restore_on_one_device(run_dir / "stage1" / "final")["unet"]))
+    stage1 = traverse_util.flatten_dict(jax.device_get(restore_final(run_dir / "stage1" / "final")["unet"]))
     frozen = traverse_util.flatten_dict(jax.device_get(state.frozen["unet"]))
     assert frozen and all(np.array_equal(v, stage1[k]) for k, v in frozen.items())  # every frozen U-Net weight from stage 1
     trainable = traverse_util.flatten_dict(jax.device_get(state.trainable["unet"]))

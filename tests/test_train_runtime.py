@@ -17,7 +17,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from moee_jax.train.trainer import Trainer, TrainingError, to_global
+from moee_jax.parallel.sharding import to_global
+from moee_jax.train.trainer import Trainer, TrainingError
 from tests.train_helpers import _leaves, single_device_trainer, stage_config
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
@@ -29,7 +30,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(synthetic_tfds, tmp_path
     trainer = Trainer(stage_config("vae", data_dir, steps=10, nan_patience=3), tmp_path)
     loss = trainer.stage.loss
     trainer.stage = dataclasses.replace(trainer.stage, loss=lambda *a: (loss(*a)[0] * jnp.nan, loss(*a)[1]))
-    init = _leaves(trainer._init_state().trainable)
+    init = _leaves(trainer.init_state().trainable)
     with pytest.raises(TrainingError, match="3 non-finite steps in a row"):
         trainer.run()
     assert int(trainer.state.skipped) == 3
@@ -47,8 +48,10 @@ def test_restore_onto_a_different_mesh(synthetic_tfds, tmp_path):
     c2 = stage_config("vae", data_dir, steps=6)
     c2.mesh.shape = (2, 2, 2)
     second = Trainer(c2, tmp_path)
-    manager = second._manager()
-    restored = second._restore(manager, 3, iter(second._pipeline()))
+    from moee_jax.checkpoint import run as run_lib
+
+    manager = run_lib.stage_manager(second.run, "vae", every_steps=3, keep=3)
+    restored = run_lib.restore_state(manager, 3, second.abstract_state, iter(second.pipeline()))
     manager.close()
     for path, value in _leaves(restored.trainable).items():
         np.testing.assert_array_equal(value, saved[path])
@@ -169,7 +172,7 @@ def _sharded_vs_single(stage, data_dir, tmp_path):
         c = stage_config(stage, data_dir, steps=1)
         c.mesh.shape = shape
         trainer = Trainer(c, tmp_path / name) if devices == 8 else single_device_trainer(c, tmp_path / name)
-        state = trainer._init_state()
+        state = trainer.init_state()
         batch = to_global(trainer.example, trainer.batch_shardings)
 
         def loss(trainable, frozen, batch, stage=trainer.stage):

@@ -32,7 +32,7 @@ def two_stages(synthetic_tfds, tmp_path_factory):
     out = {}
     for stage in ("stage1", "stage2"):
         trainer = single_device_trainer(stage_config(stage, data_dir, steps=15, learning_rate=2e-3), run)
-        init = trainer._init_state()
+        init = trainer.init_state()
         out[stage] = {"init": (_leaves(init.trainable), _leaves(init.frozen))}
         del init
         before, after, result = _train_and_measure(trainer, 15)

@@ -2,23 +2,20 @@
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import pathlib
 
 import jax
 import numpy as np
 from flax import traverse_util
 
-from moee_jax.train.trainer import to_global
+from moee_jax.parallel.sharding import to_global
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def stage_config(stage: str, data_dir: str, **train):
-    spec = importlib.util.spec_from_file_location(f"cfg_{stage}", REPO / "configs" / f"{stage}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    c = module.get_config("tiny")
+    c = importlib.import_module(f"moee_jax.configs.{stage}").get_config("tiny")
     c.data.data_dir = data_dir
     c.train.log_every = 1
     c.checkpoint.async_save = False
@@ -36,7 +33,7 @@ def _fixed_batch(trainer):
 
 
 def _train_and_measure(trainer, steps):
-    trainer.state = trainer._init_state()
+    trainer.state = trainer.init_state()
     batch = _fixed_batch(trainer)
     before = trainer.eval_loss(trainer.state, batch)
     result = trainer.run(max_steps=steps)
@@ -78,8 +75,36 @@ def export_initialised_stage(config, run_dir, seed: int = 1):
     from moee_jax.train.trainer import Trainer
 
     trainer = Trainer(config, run_dir)
-    state = trainer._init_state()
+    state = trainer.init_state()
     state = state.replace(trainable=wake(state.trainable, seed), frozen=wake(state.frozen, seed + 1))
     trainer.export_final(state)
     (pathlib.Path(run_dir) / config.stage / "config.json").write_text(config.to_json_best_effort(indent=2))
     return run_dir
+
+
+def fake_batch(config, batch: int = 2, seed: int = 0) -> dict:
+    """A pipeline batch (:mod:`moee_jax.data.pipeline` keys and shapes) of random content for
+    ``config``'s clip layout: enough to build and run the whole system without a dataset."""
+    import jax.numpy as jnp
+
+    d, rng = config.data, np.random.default_rng(seed)
+    s = int(config.video.image_size[0])
+    f, m, c, n = int(d.num_frames), int(d.motion_frames), int(d.audio_context_frames), int(d.mel_bins)
+    small = s // int(d.mask_downsample)
+    palette = np.eye(6, dtype=np.float32)[np.arange(batch) % 6]
+    out = {
+        "frames": rng.integers(0, 256, (batch, f, s, s, 3)).astype(np.uint8),
+        "motion_frames": rng.integers(0, 256, (batch, m, s, s, 3)).astype(np.uint8),
+        "reference": rng.integers(0, 256, (batch, s, s, 3)).astype(np.uint8),
+        "mel": rng.standard_normal((batch, f + 2 * c, n)).astype(np.float32),
+        "face_mask": np.ones((batch, f, small, small), np.float32),
+        "mouth_mask": np.zeros((batch, f, small, small), np.float32),
+        "loss_mask": np.ones((batch, f, small, small), np.float32),
+        "palette": palette,
+        "emotion_class": np.arange(batch, dtype=np.int32) % 6,
+        "drop_reference": np.zeros(batch, bool),
+        "drop_audio": np.zeros(batch, bool),
+        "drop_emotion": np.zeros(batch, bool),
+        "emotion_drop": np.tile(np.array([[True, True, False]]), (batch, 1)),
+    }
+    return {k: jnp.asarray(v) for k, v in out.items()}

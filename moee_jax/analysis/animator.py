@@ -1,13 +1,13 @@
-"""The model as the analysis drives it: an :class:`~moee_jax.inference.animate.Animator` with hooks.
+"""The model as the analysis drives it: an :class:`~moee_jax.inference.animator.Animator` with hooks.
 
 :class:`AnalysisAnimator` renders exactly as ``moee animate`` does, and adds
 
-* **latent interpolation of the emotion condition**: emotion inputs of the form
-  ``{INTERPOLATE: {"a": inputs_A, "b": inputs_B, "alpha": α}}`` (each ``inputs_X`` as
-  :meth:`Animator.emotion_inputs` builds it) make every clip's emotion condition
-  ``(1 − α)·C_A + α·C_B`` — tokens, and the palette when both ends have one — with A's and B's
-  tokens computed per clip as for a plain render, so ``α = 0`` / ``α = 1`` reproduce them exactly;
-* :meth:`clip_tokens` — the emotion tokens of any emotion inputs on one clip;
+* **latent interpolation of the emotion condition**: a job whose emotion is an
+  :class:`InterpolatedEmotion` (two videos' :class:`~moee_jax.models.conditioning.EmotionSources`
+  and ``α``) makes every clip's emotion condition ``(1 − α)·C_A + α·C_B`` — tokens, and the
+  palette that sets the Emotion MoE's gate — with A's and B's conditions computed per clip as for a
+  plain render, so ``α = 0`` / ``α = 1`` reproduce them exactly;
+* :meth:`clip_tokens` — the emotion tokens of any emotion sources on one clip;
 * :meth:`gate_pass` — one denoiser evaluation of a clip's own noised latents with the Emotion
   MoE's gates (and every other ``sow``) recorded.
 
@@ -23,13 +23,20 @@ import jax.numpy as jnp
 from flax import traverse_util
 
 from moee_jax.diffusion.schedules import q_sample
-from moee_jax.inference.animate import Animator
+from moee_jax.inference.animator import Animator
+from moee_jax.models.conditioning import EmotionSources
 from moee_jax.models.emotion_moe import EmotionCondition
-from moee_jax.models.reference import reference_features
-from moee_jax.models.vae import encode_to_latents
-from moee_jax.train.stages import to_unit, upsample
+from moee_jax.models.system import Conditions
 
-INTERPOLATE = "interpolate"  # emotion-inputs key of a latent pair: {"a": inputs, "b": inputs, "alpha": ()}
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class InterpolatedEmotion:
+    """The emotion ``(1 − alpha)·A + alpha·B`` of a video: ``a``, ``b`` its two endpoints' sources."""
+
+    a: EmotionSources
+    b: EmotionSources
+    alpha: jax.Array
 
 
 class AnalysisAnimator(Animator):
@@ -40,26 +47,23 @@ class AnalysisAnimator(Animator):
         self._tokens = jax.jit(self._tokens_fn)
         self._gates = jax.jit(self._gate_pass_fn)
 
-    def clip_conditions(self, params, emotion_inputs: dict, mel, ref_latents, face_features, motion):
-        if INTERPOLATE not in emotion_inputs:
-            return super().clip_conditions(params, emotion_inputs, mel, ref_latents, face_features, motion)
-        pair = emotion_inputs[INTERPOLATE]
-        a = super().clip_conditions(params, pair["a"], mel, ref_latents, face_features, motion)
-        b = super().clip_conditions(params, pair["b"], mel, ref_latents, face_features, motion)
-        alpha = pair["alpha"]
+    def clip_conditions(self, params, emotion, mel, ref_latents, face_features, motion) -> Conditions:
+        if not isinstance(emotion, InterpolatedEmotion):
+            return super().clip_conditions(params, emotion, mel, ref_latents, face_features, motion)
+        a = super().clip_conditions(params, emotion.a, mel, ref_latents, face_features, motion)
+        b = super().clip_conditions(params, emotion.b, mel, ref_latents, face_features, motion)
+        alpha = emotion.alpha
+        mix = (1.0 - alpha) * a.emotion.palette + alpha * b.emotion.palette
         tokens = (1.0 - alpha) * a.emotion.tokens + alpha * b.emotion.tokens
-        palette = None
-        if a.emotion.palette is not None:
-            palette = (1.0 - alpha) * a.emotion.palette + alpha * b.emotion.palette
         # Audio, reference, motion and the null emotion depend on the clip only: A's are B's.
-        return dataclasses.replace(a, emotion=EmotionCondition(tokens, palette))
+        return dataclasses.replace(a, emotion=EmotionCondition(tokens, mix, a.emotion.palette_keep))
 
-    def clip_tokens(self, emotion_inputs: dict, mel: jax.Array) -> jax.Array:
-        """The emotion tokens ``(Ne, D)`` of ``emotion_inputs`` on the clip of per-frame log-mel
+    def clip_tokens(self, emotion: EmotionSources, mel: jax.Array) -> jax.Array:
+        """The emotion tokens ``(Ne, D)`` of ``emotion`` (batch 1) on the clip of per-frame log-mel
         ``mel (1, F + 2c, n_mels)`` (the speech, where a source, is the clip's)."""
-        return self._tokens(self.params, emotion_inputs, mel)
+        return self._tokens(self.params, emotion, mel)
 
-    def gate_pass(self, sample: dict, emotion_inputs: dict, noise: jax.Array, timestep: int):
+    def gate_pass(self, sample: dict, emotion: EmotionSources, noise: jax.Array, timestep: int):
         """One denoiser evaluation of a clip.
 
         ``sample``: pipeline arrays with a batch axis of 1 — ``frames (1, F, S, S, 3)``, ``reference
@@ -69,29 +73,25 @@ class AnalysisAnimator(Animator):
         ``F`` target frames (the motion frames' rows dropped); ``layer`` is the path of the
         transformer block holding the MoE, in U-Net order.
         """
-        return self._gates(self.params, sample, emotion_inputs, noise, jnp.int32(timestep))
+        return self._gates(self.params, sample, emotion, noise, jnp.int32(timestep))
 
-    def _tokens_fn(self, params, emotion_inputs, mel):
-        return self.clip_conditions(params, emotion_inputs, mel, None, None, None).emotion.tokens[0]
+    def _tokens_fn(self, params, emotion, mel):
+        sources = self.clip_emotion(emotion, mel)
+        return self.system.conditioning.apply({"params": params["conditioning"]}, None, sources, train=False).emotion.tokens[0]
 
-    def _gate_pass_fn(self, params, sample, emotion_inputs, noise, timestep):
-        vae = params["vae"]
-        lat = encode_to_latents(self.vae, vae, to_unit(sample["frames"]))  # (1, F, h, w, C)
-        ref = encode_to_latents(self.vae, vae, to_unit(sample["reference"]))  # (1, h, w, C)
-        motion = encode_to_latents(self.vae, vae, to_unit(sample["motion_frames"])) if self.motion_frames else None
-        face = self.locator.apply({"params": params["face_locator"]}, upsample(sample["face_mask"], self.downsample)[..., None])
-        cond = self.clip_conditions(params, emotion_inputs, sample["mel"], ref, face, motion)
-        features = reference_features(self.model.refnet, params["reference_net"], ref, cond.context)
+    def _gate_pass_fn(self, params, sample, emotion, noise, timestep):
+        system = self.system
+        lat = system.encode_images(params, sample["frames"])  # (1, F, h, w, C)
+        ref = system.encode_images(params, sample["reference"])  # (1, h, w, C)
+        motion = system.encode_images(params, sample["motion_frames"]) if self.motion_frames else None
+        face = system.face_features(params, sample["face_mask"])
+        cond = system.conditions(params, self.clip_inputs(params, emotion, sample["mel"], ref, face, motion))
         t = jnp.full((1,), timestep, jnp.int32)
-        noisy = q_sample(self.schedule, lat, noise, t)
-        _, state = self.model.unet.apply(
-            {"params": params["unet"]}, noisy, t, cond.context, reference=features, reference_keep=jnp.ones((1,), bool),
-            motion_frames=motion, face_locator=face, audio=cond.audio, emotion=cond.emotion, mutable=["intermediates"],
-        )  # fmt: skip
+        out = system.denoise(params, cond, q_sample(self.schedule, lat, noise, t), t, capture=True)
         frames, m = lat.shape[1], self.motion_frames
         gates: dict[str, dict] = {}
         # Sown values are tuples (one entry per call; each block runs once) of frame-folded rows.
-        for path, value in traverse_util.flatten_dict(state["intermediates"]).items():
+        for path, value in traverse_util.flatten_dict(out.intermediates).items():
             if path[-1] in ("local_gates", "global_gates"):
                 layer = "/".join(p for p in path[:-1] if p != "emotion")
                 gates.setdefault(layer, {})[path[-1]] = value[0].reshape((m + frames,) + value[0].shape[1:])[m:]

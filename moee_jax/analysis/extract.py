@@ -10,13 +10,13 @@ For every analysed window of a dataset split (:func:`extract_latents`), one row 
   (``RUN/embedder/final``);
 * the emotion tokens ``(Ne, D)`` that reach every expert (MoEE §Design 2, Emotion-to-Latents, or
   the embedder's token head), for each emotion condition the model takes from a clip: ``label``
-  (the clip's palette through the label MLP, its speech kept, as in training) and ``audio``
+  (the clip's palette through the label MLP, the gate left to the gate network) and ``audio``
   (speech only) for Emotion-to-Latents models, ``video`` (the clip itself) and ``audio`` for
-  embedder models — exactly what ``moee animate`` feeds (:meth:`Animator.emotion_inputs`);
+  embedder models — exactly what ``moee animate`` feeds (:meth:`Animator.emotion_sources`);
 * the Emotion MoE's gates (MoEE §Design 1, sown by :class:`~moee_jax.models.emotion_moe.EmotionMoE`)
   in every spatial transformer block of the U-Net, from one denoiser evaluation of the clip's own
-  latents noised to ``timestep`` under the clip's training condition (``label`` / ``video``; the
-  global gate is the model's own, never a palette override): the global gate ``g`` ``(6,)`` and the
+  latents noised to ``timestep`` under the clip's condition (``label`` / ``video``; the global gate
+  is the gate network's, never the palette a label imposes): the global gate ``g`` ``(6,)`` and the
   local gate map ``s`` ``(h_l, w_l, 6)`` of each layer, both averaged over the clip's frames.
 
 Windows are drawn the way the training pipeline draws them (:class:`moee_jax.data.pipeline.MakeSample`,
@@ -37,14 +37,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from moee_jax.analysis.animator import AnalysisAnimator
+from moee_jax.checkpoint.run import RunCheckpoint, load_run_config, restore_final
 from moee_jax.data import pipeline as data_pipeline
 from moee_jax.data import schema
 from moee_jax.emotions import NUM_EMOTIONS
 from moee_jax.eval.evaluate import run_dataset  # noqa: F401  (re-exported: the notebook's extract.run_dataset)
-from moee_jax.inference.inputs import EmotionSpec, RunCheckpoint, load_run_config, parse_emotion
+from moee_jax.inference.inputs import EmotionSpec, parse_emotion
+from moee_jax.models.conditioning import EmotionConfig, EmotionSources
 from moee_jax.models.emotion_embedder import GaussianEmotionEmbedder
-from moee_jax.models.moee import EmotionConfig
-from moee_jax.train.stages import frame_mel, to_unit, upsample
+from moee_jax.models.features import embedder_inputs
 
 EMBEDDER_MODES = ("audio", "video", "both")  # DICE-Talk Table 5 rows
 
@@ -110,10 +111,8 @@ def window_samples(source, config, keys: Sequence[int], windows_per_clip: int, s
     """Training-pipeline samples (one dict per window, no batch axis) of records ``keys`` under the
     run config ``config`` (its ``data`` block): ``windows_per_clip`` windows per record, condition
     dropout and noisy sampling off. Records too short for a window are skipped."""
-    from moee_jax.train.trainer import pipeline_config
-
     cfg = dataclasses.replace(
-        pipeline_config(config), noisy_p=0.0, class_balanced=False, drop_reference_p=0.0, drop_audio_p=0.0, drop_emotion_p=0.0,
+        data_pipeline.PipelineConfig.from_config(config), noisy_p=0.0, class_balanced=False, drop_reference_p=0.0, drop_audio_p=0.0, drop_emotion_p=0.0,
         drop_all_p=0.0, batch_size=1,
     )  # fmt: skip
     index = data_pipeline.clip_index(source)
@@ -153,12 +152,10 @@ class Embedder:
 
     def inputs(self, sample: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
         """A pipeline sample → ``audio (1, F, n_mels)``, ``frames (1, F, S, S, 3)`` in [-1, 1],
-        ``mouth (1, F, S, S)`` — the embedder stage's inputs (:func:`moee_jax.train.stages._embedder_inputs`)."""
+        ``mouth (1, F, S, S)`` — the embedder stage's inputs (:func:`moee_jax.models.features.embedder_inputs`)."""
         data = self.config.data
-        mel = jnp.asarray(sample["mel"])[None]
-        audio = frame_mel(mel, int(data.num_frames), int(data.audio_context_frames))
-        mouth = upsample(jnp.asarray(sample["mouth_mask"])[None], int(data.mask_downsample))
-        return audio, to_unit(jnp.asarray(sample["frames"])[None]), mouth
+        batch = {k: jnp.asarray(sample[k])[None] for k in ("mel", "frames", "mouth_mask")}
+        return embedder_inputs(batch, int(data.num_frames), int(data.audio_context_frames), int(data.mask_downsample))
 
     def prior(self, sample: dict, mode: str) -> tuple[np.ndarray, np.ndarray]:
         """``(μ, σ)``, each ``(d,)``, of one pipeline sample in ``mode`` (:data:`EMBEDDER_MODES`)."""
@@ -171,8 +168,6 @@ class Embedder:
 def load_embedder(run_dir: str | pathlib.Path, animator=None) -> Embedder | None:
     """The run's embedder: the stage-2 conditioning's when ``animator``'s model takes its emotion
     from one, else ``RUN/embedder/final`` (+ its ``config.json``); None when there is neither."""
-    from moee_jax.inference.animate import _restore_on_one_device
-
     final = pathlib.Path(run_dir) / "embedder" / "final"
     config_path = final.parent / "config.json"
     if animator is not None and animator.uses_embedder:
@@ -180,7 +175,7 @@ def load_embedder(run_dir: str | pathlib.Path, animator=None) -> Embedder | None
     elif (final / "metadata.json").exists() and config_path.exists():
         metadata = json.loads((final / "metadata.json").read_text())
         config = load_run_config(RunCheckpoint(final, config_path, "embedder", int(metadata.get("step", 0)), metadata))
-        params = _restore_on_one_device(final)["embedder"]
+        params = restore_final(final)["embedder"]
     else:
         return None
     e = EmotionConfig.from_dict(config.model.emotion.to_dict())
@@ -201,38 +196,39 @@ def token_kinds(animator) -> tuple[str, ...]:
     return ("label", "audio") if "speech" in animator.emotion.sources else ("label",)
 
 
-def clip_emotion_inputs(animator, sample: dict, kind: str) -> dict:
-    """The per-video emotion inputs (batch 1, :meth:`Animator.emotion_inputs`) of condition
-    ``kind`` taken from the clip of ``sample`` itself.
+def clip_emotion_sources(animator, sample: dict, kind: str) -> EmotionSources:
+    """The emotion sources (batch 1, :meth:`Animator.emotion_sources`) of condition ``kind`` taken
+    from the clip of ``sample`` itself.
 
-    ``label``: the clip's palette as label weights (never a gate override); ``audio``: speech only;
+    ``label``: the clip's palette as label weights, the gate left to the gate network (so the gate
+    pass shows what the gate network reads, not the palette a label imposes); ``audio``: speech only;
     ``video`` (embedder models): the clip's own mouth-masked frames and per-frame log-mel.
     """
+    palette = np.asarray(sample["palette"], np.float32)
     if kind == "label":
-        return animator.emotion_inputs(EmotionSpec("label", weights=np.asarray(sample["palette"], np.float32)))
+        sources = animator.emotion_sources(EmotionSpec("label", weights=palette, palette=palette))
+        return dataclasses.replace(sources, palette_keep=np.zeros((1,), bool))
     if kind == "audio":
-        return animator.emotion_inputs(parse_emotion(emotion_from_audio=True))
+        return animator.emotion_sources(parse_emotion(emotion_from_audio=True))
     if kind == "video":
         data = animator.config.data
-        mel = sample["mel"][None]
-        return {
-            "expression_frames": np.asarray(to_unit(jnp.asarray(sample["frames"][None]))),
-            "mouth_mask": np.asarray(upsample(jnp.asarray(sample["mouth_mask"][None]), int(data.mask_downsample))),
-            "embedder_audio": np.asarray(frame_mel(jnp.asarray(mel), int(data.num_frames), int(data.audio_context_frames))),
-        }
+        batch = {k: jnp.asarray(sample[k])[None] for k in ("mel", "frames", "mouth_mask")}
+        audio, frames, mouth = embedder_inputs(batch, int(data.num_frames), int(data.audio_context_frames), int(data.mask_downsample))
+        return EmotionSources(drop=np.zeros((1, 3), bool), palette=palette[None], palette_keep=np.zeros((1,), bool),
+                              embedder_audio=np.asarray(audio), expression_frames=np.asarray(frames), mouth_mask=np.asarray(mouth))  # fmt: skip
     raise ValueError(f"unknown emotion condition kind {kind!r}; expected label, audio or video")
 
 
-def clip_tokens(animator: AnalysisAnimator, sample: dict, emotion_inputs: dict) -> np.ndarray:
-    """The emotion tokens ``(Ne, D)`` of ``emotion_inputs`` (:func:`clip_emotion_inputs`) on the clip
-    of the pipeline ``sample``."""
-    return np.asarray(animator.clip_tokens(emotion_inputs, jnp.asarray(sample["mel"])[None]))
+def clip_tokens(animator: AnalysisAnimator, sample: dict, sources: EmotionSources) -> np.ndarray:
+    """The emotion tokens ``(Ne, D)`` of ``sources`` (:func:`clip_emotion_sources`) on the clip of
+    the pipeline ``sample``."""
+    return np.asarray(animator.clip_tokens(sources, jnp.asarray(sample["mel"])[None]))
 
 
-def gate_pass(animator: AnalysisAnimator, sample: dict, emotion_inputs: dict, noise: jax.Array, timestep: int):
+def gate_pass(animator: AnalysisAnimator, sample: dict, sources: EmotionSources, noise: jax.Array, timestep: int):
     """:meth:`AnalysisAnimator.gate_pass` of a pipeline ``sample`` (no batch axis)."""
     batch = {k: jnp.asarray(sample[k])[None] for k in ("frames", "reference", "motion_frames", "face_mask", "mel")}
-    return animator.gate_pass(batch, emotion_inputs, noise, timestep)
+    return animator.gate_pass(batch, sources, noise, timestep)
 
 
 def _grid(length: int, latent_hw: tuple[int, int]) -> tuple[int, int]:
@@ -308,7 +304,7 @@ def extract_latents(
                 m, s = embedder.prior(e_sample, mode)
                 mu[mode].append(m)
                 sigma[mode].append(s)
-        inputs = {kind: clip_emotion_inputs(animator, sample, kind) for kind in kinds}
+        inputs = {kind: clip_emotion_sources(animator, sample, kind) for kind in kinds}
         for kind in kinds[1:]:
             tokens[kind].append(clip_tokens(animator, sample, inputs[kind]))
         if latent_hw is None:

@@ -27,9 +27,9 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from moee_jax.analysis.animator import INTERPOLATE, AnalysisAnimator
+from moee_jax.analysis.animator import AnalysisAnimator, InterpolatedEmotion
 from moee_jax.analysis.extract import as_text
-from moee_jax.inference.animate import Animator
+from moee_jax.inference.animator import Animator
 from moee_jax.inference.inputs import EmotionSpec, Speech
 
 MODES = ("latent", "palette")
@@ -86,16 +86,16 @@ def interpolate(
         if not isinstance(animator, AnalysisAnimator):
             raise TypeError("latent interpolation renders with an AnalysisAnimator: AnalysisAnimator.from_run(run_dir)")
         job = animator.prepare(image, speech, emotion_a, **settings)
-        inputs_b = animator.emotion_inputs(emotion_b, detect=detect)
-        if ("palette" in job.emotion_inputs) != ("palette" in inputs_b):
+        sources_b = animator.emotion_sources(emotion_b, detect=detect)
+        if bool(np.asarray(job.emotion.palette_keep)[0]) != bool(np.asarray(sources_b.palette_keep)[0]):
             raise ValueError(
-                "latent interpolation between a compound palette and a single emotion: the palette replaces the MoE's "
-                "gate at one end only; give both ends as palettes (happy:1) or as labels, or use mode='palette'"
+                "latent interpolation between a label (or palette) and an emotion from speech, text or a clip: the label "
+                "sets the MoE's gate at one end only; give both ends the same way, or use mode='palette'"
             )
         renders = []
         for alpha in alphas:
-            pair = {INTERPOLATE: {"a": job.emotion_inputs, "b": inputs_b, "alpha": np.float32(alpha)}}
-            renders.append(animator.render_job(dataclasses.replace(job, emotion_inputs=pair)))
+            pair = InterpolatedEmotion(job.emotion, sources_b, np.float32(alpha))
+            renders.append(animator.render_job(dataclasses.replace(job, emotion=pair)))
         audio = job.speech.wave
     return Interpolation(
         alphas=alphas, frames=np.stack(renders), audio=np.asarray(audio, np.float32), fps=animator.fps, mode=mode,

@@ -125,7 +125,7 @@ def analyze_run(
 
     tables = clustering_tables(latents)
     files.append(_write(out / "clustering.md", clustering_report(tables, split=settings.split, rows=len(latents))))
-    files.append(_write(out / "clustering.json", json.dumps(_jsonable(tables), indent=2)))
+    files.append(_write(out / "clustering.json", json.dumps(jsonable(tables), indent=2)))
     keep(figures.clustering_bars(tables["within_speaker"]), "clustering")
 
     sets = latent_sets(latents)
@@ -156,7 +156,7 @@ def analyze_run(
                                                seed=settings.seed)  # fmt: skip
             keep(figures.strip(interp), f"interpolation_{mode}")
             files.append(interpolation.save_video(interp, out / f"interpolation_{mode}.mp4"))
-    files.append(_write(out / "analysis.json", json.dumps(_jsonable(summary), indent=2)))
+    files.append(_write(out / "analysis.json", json.dumps(jsonable(summary), indent=2)))
     summary["files"] = [str(f) for f in files]
     return summary
 
@@ -166,12 +166,12 @@ def _write(path: pathlib.Path, text: str) -> pathlib.Path:
     return path
 
 
-def _jsonable(value):
+def jsonable(value):
     """NaN → None and ±inf → "inf" / "-inf" (strict JSON), numpy scalars → Python numbers."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if isinstance(value, (float, np.floating)):
         v = float(value)
         return None if math.isnan(v) else ("inf" if v == math.inf else "-inf" if v == -math.inf else v)

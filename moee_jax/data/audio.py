@@ -326,3 +326,31 @@ def encode_long(
     chunks = chunk_waveform(wave, sr, chunk_seconds=chunk_seconds, overlap_seconds=overlap_seconds, rate=rate)
     features = [encode_fn(w) for _, w in chunks]
     return stitch_chunks(chunks, features, time_axis=time_axis, sr=sr, rate=rate)
+
+
+def frame_log_mel(audio: np.ndarray, fps: float, bins: int) -> np.ndarray:
+    """Log-mel energy per video frame: ``(num_frames, bins)`` float32 for ``audio`` spanning whole frames.
+
+    A 16 kHz mel spectrogram (1024-point FFT, hop = one video frame) gives a column at every frame
+    boundary; a frame's feature is the mean of the columns at its two ends, so it is centred on the
+    frame. Values are ``(ln(mel + 1e-6) + 6) / 6``, about ``[-1, 1]`` for speech at normal levels.
+    """
+    import librosa
+
+    hop = int(round(SAMPLE_RATE / fps))
+    frames = len(audio) // hop
+    mel = librosa.feature.melspectrogram(y=audio, sr=SAMPLE_RATE, n_fft=1024, hop_length=hop, n_mels=bins, center=True)
+    mel = 0.5 * (mel[:, :frames] + mel[:, 1 : frames + 1])
+    return ((np.log(mel + 1e-6) + 6.0) / 6.0).T.astype(np.float32)
+
+
+def audio_window(audio: np.ndarray, fps: float, first_frame: int, num_frames: int) -> np.ndarray:
+    """Samples of frames ``[first_frame, first_frame + num_frames)``, zero outside the clip."""
+    spf = SAMPLE_RATE / fps
+    lo = int(round(first_frame * spf))
+    length = int(round(num_frames * spf))
+    out = np.zeros(length, np.float32)
+    a, b = max(lo, 0), min(lo + length, len(audio))
+    if b > a:
+        out[a - lo : b - lo] = audio[a:b]
+    return out

@@ -98,6 +98,7 @@ import numpy as np
 
 from moee_jax.data import masks as masks_lib
 from moee_jax.data import schema
+from moee_jax.data.audio import audio_window, frame_log_mel
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +131,17 @@ class PipelineConfig:
     worker_count: int = 0  # grain worker processes (0: in the main process)
     worker_buffer_size: int = 2
     text_length: int = 32
+
+    @classmethod
+    def from_config(cls, config, num_processes: int = 1) -> PipelineConfig:
+        """From a stage config: ``config.data`` fields, ``config.seed``, and the per-process share of
+        the global ``config.train.batch_size``."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in config.data.to_dict().items() if k in fields}
+        global_batch = int(config.train.batch_size)
+        if global_batch % num_processes:
+            raise ValueError(f"config.train.batch_size={global_batch} must be divisible by the {num_processes} processes")
+        return cls.from_dict(values | {"batch_size": global_batch // num_processes, "seed": int(config.seed)})
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any]) -> PipelineConfig:
@@ -327,15 +339,15 @@ class MakeSample(grain.transforms.RandomMap):
         return s, r
 
     def _emotion_modes(self, drop_all: bool, rng: np.random.Generator) -> np.ndarray:
-            """``(3,)`` drop flags over (text, speech, label): all for a dropped emotion, else one mode
-            kept — speech (``emotion_speech_p``), text (``emotion_text_p``) or the label."""
-            if drop_all:
-                return np.ones(3, np.bool_)
-            u = rng.random()
-            keep = 1 if u < self.cfg.emotion_speech_p else 0 if u < self.cfg.emotion_speech_p + self.cfg.emotion_text_p else 2
-            flags = np.ones(3, np.bool_)
-            flags[keep] = False
-            return flags
+        """``(3,)`` drop flags over (text, speech, label): all for a dropped emotion, else one mode
+        kept — speech (``emotion_speech_p``), text (``emotion_text_p``) or the label."""
+        if drop_all:
+            return np.ones(3, np.bool_)
+        u = rng.random()
+        keep = 1 if u < self.cfg.emotion_speech_p else 0 if u < self.cfg.emotion_speech_p + self.cfg.emotion_text_p else 2
+        flags = np.ones(3, np.bool_)
+        flags[keep] = False
+        return flags
 
     def random_map(self, key, rng: np.random.Generator) -> dict[str, np.ndarray]:
         cfg = self.cfg
@@ -375,7 +387,7 @@ class MakeSample(grain.transforms.RandomMap):
         drops = [drop_all or rng.random() < p for p in (cfg.drop_reference_p, cfg.drop_audio_p, cfg.drop_emotion_p)]
         emotion_drop = self._emotion_modes(drops[2], rng)
 
-        audio = _audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
+        audio = audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
                               f + 2 * cfg.audio_context_frames)  # fmt: skip
         aus = np.asarray(record["action_units"], np.float32)
         has_aus = aus.shape[0] == n
@@ -430,34 +442,6 @@ def _any_pool(mask: np.ndarray, r: int) -> np.ndarray:
     """``(F, H, W)`` → ``(F, H/r, W/r)``: 1 where any pixel of the cell is set (max pooling)."""
     f, h, w = mask.shape
     return mask.reshape(f, h // r, r, w // r, r).max(axis=(2, 4)).astype(np.float32)
-
-
-def frame_log_mel(audio: np.ndarray, fps: float, bins: int) -> np.ndarray:
-    """Log-mel energy per video frame: ``(num_frames, bins)`` float32 for ``audio`` spanning whole frames.
-
-    A 16 kHz mel spectrogram (1024-point FFT, hop = one video frame) gives a column at every frame
-    boundary; a frame's feature is the mean of the columns at its two ends, so it is centred on the
-    frame. Values are ``(ln(mel + 1e-6) + 6) / 6``, about ``[-1, 1]`` for speech at normal levels.
-    """
-    import librosa
-
-    hop = int(round(schema.SAMPLE_RATE / fps))
-    frames = len(audio) // hop
-    mel = librosa.feature.melspectrogram(y=audio, sr=schema.SAMPLE_RATE, n_fft=1024, hop_length=hop, n_mels=bins, center=True)
-    mel = 0.5 * (mel[:, :frames] + mel[:, 1 : frames + 1])
-    return ((np.log(mel + 1e-6) + 6.0) / 6.0).T.astype(np.float32)
-
-
-def _audio_window(audio: np.ndarray, fps: float, first_frame: int, num_frames: int) -> np.ndarray:
-    """Samples of frames ``[first_frame, first_frame + num_frames)``, zero outside the clip."""
-    spf = schema.SAMPLE_RATE / fps
-    lo = int(round(first_frame * spf))
-    length = int(round(num_frames * spf))
-    out = np.zeros(length, np.float32)
-    a, b = max(lo, 0), min(lo + length, len(audio))
-    if b > a:
-        out[a - lo : b - lo] = audio[a:b]
-    return out
 
 
 # ---- the loader --------------------------------------------------------------------------------------

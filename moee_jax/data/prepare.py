@@ -31,13 +31,13 @@ import json
 import multiprocessing
 import os
 import pathlib
-import tempfile
 import time
 import traceback
 from collections.abc import Sequence
 
 import numpy as np
 
+from moee_jax.atomic import PARTIAL_SUFFIX, atomic_write, atomic_write_text
 from moee_jax.data import audio as audio_lib
 from moee_jax.data import face_crop, schema
 from moee_jax.data import landmarks as landmarks_lib
@@ -48,7 +48,6 @@ FORMAT_VERSION = 1
 CLIPS_DIR = "clips"
 REPORT_FILE = "report.json"
 SETTINGS_FILE = "prepare.json"
-_TEMP_SUFFIX = ".partial"
 
 
 class ClipError(ValueError):
@@ -140,17 +139,12 @@ def write_clip(path: str | os.PathLike, clip: PreparedClip) -> pathlib.Path:
         "intensity": np.float32(clip.intensity),
         **{k: np.asarray(getattr(clip, k)) for k in ("clip_id", "speaker", "emotion", "text", "split", "landmark_layout", "source")},
     }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
             np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+
+    return atomic_write(path, write)
 
 
 def read_clip(path: str | os.PathLike) -> PreparedClip:
@@ -301,11 +295,7 @@ class PrepareReport:
         return "\n".join(lines)
 
     def write(self) -> pathlib.Path:
-        path = pathlib.Path(self.out_dir) / REPORT_FILE
-        tmp = path.with_name(f".{path.name}{_TEMP_SUFFIX}")
-        tmp.write_text(json.dumps(self.to_json(), indent=2))
-        os.replace(tmp, path)
-        return path
+        return atomic_write_text(pathlib.Path(self.out_dir) / REPORT_FILE, json.dumps(self.to_json(), indent=2))
 
 
 def _check_settings(out_dir: pathlib.Path, options: PrepareOptions) -> None:
@@ -325,7 +315,7 @@ def _check_settings(out_dir: pathlib.Path, options: PrepareOptions) -> None:
 
 def _remove_temporaries(out_dir: pathlib.Path) -> None:
     """Delete partial files left by an interrupted run (they never replaced a finished clip)."""
-    for tmp in (out_dir / CLIPS_DIR).glob(f"*/.*{_TEMP_SUFFIX}"):
+    for tmp in (out_dir / CLIPS_DIR).glob(f"*/.*{PARTIAL_SUFFIX}"):
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
 

@@ -19,10 +19,10 @@ import contextlib
 import fractions
 import os
 import pathlib
-import tempfile
 
 import numpy as np
 
+from moee_jax.atomic import atomic_write
 from moee_jax.data.audio import SAMPLE_RATE
 
 # A decoded video may end this many frames short of the count in its header (encoder delay, a
@@ -297,17 +297,7 @@ def write_video(
             raise ValueError(f"{path}: audio contains NaN or infinite samples")
         audio = np.clip(audio, -1.0, 1.0)
     frames = _even(frames)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    os.close(fd)
-    try:
-        _encode(av, tmp, frames, fps, audio, sr, crf)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write(path, lambda tmp: _encode(av, tmp, frames, fps, audio, sr, crf))
 
 
 def _encode(av, filename: str, frames: np.ndarray, fps: float, audio: np.ndarray | None, sr: int, crf: int) -> None:

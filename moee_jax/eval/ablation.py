@@ -17,7 +17,7 @@ fresh in every variant (``train.init_skip``), also where the run's stage 1 train
 
 Each variant is then scored by :func:`moee_jax.eval.evaluate.evaluate_run` on the held-out
 identities. A palette cannot steer the ``single`` variant (it has no experts to mix), so there the
-compound weights reach the label MLP only (:mod:`moee_jax.inference.animate`).
+compound weights reach the label MLP only (:mod:`moee_jax.inference.animator`).
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def run_ablations(
     ``run_dir`` must hold finished ``stage1`` and ``stage2`` stages. Variant runs go to
     ``OUT/<variant>/`` and resume like any run. Returns ``{variant: summary}`` plus ``table`` (markdown).
     """
-    from moee_jax.inference.inputs import load_run_config, resolve_checkpoint
+    from moee_jax.checkpoint.run import load_run_config, resolve_checkpoint
     from moee_jax.train.trainer import Trainer
 
     settings = settings or EvalSettings()

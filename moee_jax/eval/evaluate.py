@@ -106,7 +106,7 @@ def dataset_frame_size(data_dir: str | pathlib.Path, name: str) -> int:
     return int(schema.decode_frames(source[0]["frames"], [0]).shape[1])
 
 
-def _resize(frame: np.ndarray, size: int) -> np.ndarray:
+def resize_frame(frame: np.ndarray, size: int) -> np.ndarray:
     return resize_frames(frame[None], size)[0]
 
 
@@ -141,7 +141,7 @@ def ground_truth_ceiling(
         clips = tests[speaker]
         truth = np.asarray(clips["neutral"]["identity"], np.float32)
 
-        def read(record):
+        def read(record, truth=truth):
             frames = resize_frames(schema.decode_frames(record["frames"]), size)
             if round_trip is not None:
                 frames = round_trip(frames)
@@ -202,7 +202,7 @@ def held_out_items(tests: dict[str, dict[str, dict]], size: int, settings: EvalS
     items = []
     for speaker in speakers:
         clips = tests[speaker]
-        portrait = _resize(schema.decode_frames(clips["neutral"]["frames"], [0])[0], size)
+        portrait = resize_frame(schema.decode_frames(clips["neutral"]["frames"], [0])[0], size)
         truth = np.asarray(clips["neutral"]["identity"], np.float32)
         for emotion in schema.CLASSES:
             items.append(EvalItem(speaker, emotion, "basic", parse_emotion(emotion), portrait, clips["neutral"], truth, emotion))
@@ -219,10 +219,11 @@ def held_out_items(tests: dict[str, dict[str, dict]], size: int, settings: EvalS
 def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *, batch_size: int = 16,
                  videos_dir: pathlib.Path | None = None, progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:  # fmt: skip
     """Every item's video ``(T, S, S, 3)`` uint8, ``batch_size`` at a time
-    (:meth:`~moee_jax.inference.animate.Animator.render_jobs`); with ``videos_dir`` each is also
+    (:meth:`~moee_jax.inference.animator.Animator.render_jobs`); with ``videos_dir`` each is also
     written as ``<speaker>_<tag>.mp4`` (+ JSON sidecar)."""
-    from moee_jax.inference.animate import Animation, save_animation
+    from moee_jax.inference.animator import Animation
     from moee_jax.inference.inputs import Speech
+    from moee_jax.inference.outputs import save_animation
 
     def job_of(item):
         record = item.speech
@@ -317,7 +318,7 @@ def evaluate_run(
     ``videos_dir``: also write every clip as ``<speaker>_<emotion>.mp4`` (+ JSON sidecar);
     ``sheet_path``: a contact sheet of the first speaker (rows = emotions, columns = frames).
     """
-    from moee_jax.inference.animate import Animator
+    from moee_jax.inference.animator import Animator
     from moee_jax.inference.inputs import InputError, parse_emotion
 
     t0 = time.perf_counter()

@@ -41,7 +41,7 @@ from moee_jax.data import schema
 from moee_jax.eval.evaluate import (
     EvalItem,
     EvalSettings,
-    _resize,
+    resize_frame,
     ground_truth_ceiling,
     held_out_clips,
     held_out_items,
@@ -99,7 +99,7 @@ def same_clip_items(clips: dict[str, dict[str, dict]], size: int, speakers: Sequ
             record = clips[speaker].get(emotion)
             if record is None:
                 continue
-            portrait = _resize(schema.decode_frames(record["frames"], [0])[0], size)
+            portrait = resize_frame(schema.decode_frames(record["frames"], [0])[0], size)
             truth = np.asarray(record["identity"], np.float32)
             items.append(EvalItem(speaker, emotion, "basic", parse_emotion(emotion), portrait, record, truth, emotion))
     return items
@@ -125,7 +125,7 @@ def run_ladder(
     log: Callable[[str], None] = print,
 ) -> list[Rung]:
     """Climb the ladder for a finished run; prints one line per rung through ``log``."""
-    from moee_jax.inference.animate import Animator
+    from moee_jax.inference.animator import Animator
 
     settings = settings or EvalSettings()
     animator = Animator.from_run(run_dir)
@@ -178,16 +178,15 @@ def shuffle_gap(run_dir: str | pathlib.Path, batches: int = 4) -> float:
     the batch minus the loss with the true labels, on the same noise."""
     import jax
 
-    from moee_jax.inference.animate import _restore_on_one_device
-    from moee_jax.inference.inputs import load_run_config, resolve_checkpoint
+    from moee_jax.checkpoint.run import load_run_config, resolve_checkpoint, restore_final
     from moee_jax.train.trainer import Trainer
 
     checkpoint = resolve_checkpoint(run_dir)
     config = load_run_config(checkpoint)
-    params = _restore_on_one_device(checkpoint.final)
+    params = restore_final(checkpoint.final)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="moee_ladder_"))
     fn = jax.jit(trainer.stage.diagnostics)
-    it = iter(trainer._pipeline())
+    it = iter(trainer.pipeline())
     gaps = [float(fn(params, {k: np.asarray(v) for k, v in next(it).items()}, jax.random.key(i))["shuffle_gap"]) for i in range(batches)]
     return float(np.mean(gaps))
 
@@ -215,7 +214,7 @@ def overfit_one_clip(config, reader, data_dir, dataset: str, *, steps: int = 300
     from ml_collections import ConfigDict
 
     from moee_jax.data.pipeline import open_source
-    from moee_jax.inference.animate import Animator
+    from moee_jax.inference.animator import Animator
     from moee_jax.inference.inputs import Speech, parse_emotion
     from moee_jax.train.partition import merge_params
     from moee_jax.train.trainer import Trainer
@@ -240,7 +239,7 @@ def overfit_one_clip(config, reader, data_dir, dataset: str, *, steps: int = 300
         trainer.run()
         params = merge_params(trainer.state.trainable, trainer.state.frozen)
     animator = Animator(c, params)
-    truth = np.stack([_resize(f, animator.size) for f in schema.decode_frames(record["frames"])])
+    truth = np.stack([resize_frame(f, animator.size) for f in schema.decode_frames(record["frames"])])
     anim = animator.animate(truth[0], Speech(np.asarray(record["audio"], np.float32), pathlib.Path("overfit")),
                             parse_emotion("happy"), steps=settings.steps, sampler=settings.sampler,
                             guidance=dict(settings.guidance), seed=settings.seed, detect=False)  # fmt: skip

@@ -49,6 +49,7 @@ import numpy as np
 import optax
 from flax import serialization
 
+from moee_jax.atomic import atomic_write_bytes
 from moee_jax.data import schema, synthetic
 from moee_jax.data.pipeline import resize_frames
 from moee_jax.emotions import EMOTIONS, NEUTRAL
@@ -487,12 +488,7 @@ def save_reader(reader: Reader, path: str | os.PathLike) -> None:
         "identity_std": np.asarray(reader.identity_std, np.float32),
         "info": reader.info,
     }
-    path = os.fspath(path)
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(payload))
-    os.replace(tmp, path)
+    atomic_write_bytes(path, serialization.msgpack_serialize(payload))
 
 
 def load_reader(path: str | os.PathLike) -> Reader:

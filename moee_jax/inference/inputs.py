@@ -38,7 +38,6 @@ Decisions
 from __future__ import annotations
 
 import dataclasses
-import json
 import pathlib
 
 import numpy as np
@@ -348,104 +347,6 @@ def parse_emotion(
         _check_file(path, "--emotion_video", "video")
         return EmotionSpec("video", video=path, spec=str(path))
     return EmotionSpec("audio", spec="from_audio")
-
-
-# ---- the checkpoint --------------------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class RunCheckpoint:
-    """Where a trained model lives: ``final`` (params + metadata.json) and its resolved ``config.json``."""
-
-    final: pathlib.Path
-    config: pathlib.Path
-    stage: str
-    step: int
-    metadata: dict
-
-
-_STAGE_NOTES = {
-    "vae": "it holds only the autoencoder",
-    "embedder": "it holds only the emotion embedder",
-    "stage1": "ReferenceNet and the U-Net are trained but no emotion modules are (the Emotion MoE and "
-    "Emotion-to-Latents are trained in stage 2)",
-}
-
-
-def resolve_checkpoint(path: str | pathlib.Path) -> RunCheckpoint:
-    """Find the stage-2 export under ``path``: a run directory (``RUN/stage2/final``), a stage
-    directory (``RUN/stage2``) or the ``final`` directory itself. Raises :class:`InputError` for a
-    missing directory, an unfinished stage 2, or a run of another stage ("wrong stage")."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise InputError(f"--checkpoint {path}: directory not found; pass the run directory of `moee train` (RUN)")
-    if not path.is_dir():
-        raise InputError(f"--checkpoint {path}: not a directory; pass the run directory of `moee train` (RUN)")
-    if (path / "metadata.json").exists():
-        final = path
-    elif (path / "final").is_dir() or (path / "config.json").exists():
-        final = path / "final"
-    elif (path / REQUIRED_STAGE).is_dir():
-        final = path / REQUIRED_STAGE / "final"
-    else:
-        present = [s for s in ("stage1", "embedder", "vae") if (path / s / "final" / "metadata.json").exists()]
-        if present:
-            _wrong_stage(path, present[0])
-        raise InputError(
-            f"--checkpoint {path}: no trained model here (expected {path}/{REQUIRED_STAGE}/final from "
-            f"`moee train --config configs/stage2.py:<variant> --run_dir {path}`)"
-        )
-    if not (final / "metadata.json").exists() or not (final / "params").is_dir():
-        raise InputError(
-            f"--checkpoint {path}: {final} holds no finished export (metadata.json and params/); stage 2 has "
-            f"not finished training — resume it with `moee train --config configs/stage2.py:<variant> --run_dir {_run_of(final)}`"
-        )
-    try:
-        metadata = json.loads((final / "metadata.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"--checkpoint {path}: {final / 'metadata.json'} is unreadable ({e})") from None
-    stage = str(metadata.get("stage", ""))
-    if stage != REQUIRED_STAGE:
-        _wrong_stage(path, stage)
-    config = final.parent / "config.json"
-    if not config.exists():
-        raise InputError(
-            f"--checkpoint {path}: {config} is missing; `moee train` writes the resolved config there, "
-            "and the model cannot be rebuilt without it"
-        )
-    return RunCheckpoint(final, config, stage, int(metadata.get("step", 0)), metadata)
-
-
-def _run_of(final: pathlib.Path) -> pathlib.Path:
-    return final.parent.parent
-
-
-def _wrong_stage(path: pathlib.Path, stage: str):
-    note = _STAGE_NOTES.get(stage, "it is not a stage-2 model")
-    raise InputError(
-        f"--checkpoint {path}: wrong stage: this is a {stage or 'unknown'} checkpoint — {note}. Animation needs "
-        f"the stage-2 model: run `moee train --config configs/stage2.py:<variant> --run_dir <RUN>` (it starts "
-        "from the run's stage-1 parameters) and pass that run directory."
-    )
-
-
-def load_run_config(checkpoint: RunCheckpoint):
-    """The run's resolved config (``config.json``) as a ``ConfigDict`` with JSON lists as tuples."""
-    from ml_collections import ConfigDict
-
-    try:
-        data = json.loads(checkpoint.config.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise InputError(f"--checkpoint: {checkpoint.config} is unreadable ({e})") from None
-    return ConfigDict(_tuples(data))
-
-
-def _tuples(value):
-    if isinstance(value, dict):
-        return {k: _tuples(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return tuple(_tuples(v) for v in value)
-    return value
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------

@@ -15,7 +15,7 @@ Audio features are made exactly as the training pipeline made them
 (:mod:`moee_jax.data.pipeline`): for clip ``k``, the speech of frames ``[kF − c, kF + F + c)`` (``c``
 = ``audio_context_frames``) — taken from the neighbouring audio, with zeros only before the start
 and after the end of the recording, as training windows were zero only outside their record —
-turned into per-frame log-mel energies by :func:`moee_jax.data.pipeline.frame_log_mel`:
+turned into per-frame log-mel energies by :func:`moee_jax.data.audio.frame_log_mel`:
 ``(F + 2c, n_mels)`` per clip.
 """
 
@@ -29,8 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moee_jax.data.audio import SAMPLE_RATE, num_video_frames
-from moee_jax.data.pipeline import _audio_window, frame_log_mel
+from moee_jax.data.audio import SAMPLE_RATE, audio_window, frame_log_mel, num_video_frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +79,7 @@ def clip_audio_features(audio: np.ndarray, plan: ClipPlan, mel_bins: int) -> np.
     (the training pipeline's ``mel`` of each clip's window; see the module docstring)."""
     audio = np.asarray(audio, np.float32).reshape(-1)
     f, c = plan.clip_frames, plan.context_frames
-    windows = (_audio_window(audio, plan.fps, plan.clip_start(k) - c, f + 2 * c) for k in range(plan.num_clips))
+    windows = (audio_window(audio, plan.fps, plan.clip_start(k) - c, f + 2 * c) for k in range(plan.num_clips))
     return np.stack([frame_log_mel(w, plan.fps, mel_bins) for w in windows])
 
 

@@ -7,7 +7,7 @@ it conditions the U-Net:
   aggregate it by cross-attention ``E_S = CA(W_Q s, W_K s*, W_V s*)``. The retrieval is
   straight-through (van den Oord et al. 2017): ``s* = s + sg[C_k − s]`` has the value ``C_k`` and
   the gradient of ``s``, so the codebook learns only from ``L_vq`` (eq. 17,
-  :func:`moee_jax.train.losses.vq_loss`);
+  :func:`vq_loss`);
 * inference (eqs. 12–13): retrieval is skipped and ``s`` attends over the whole bank,
   ``E_S = softmax(q Kᵀ/√d_h) V`` with ``q = W_Q s``, ``K = W_K C``, ``V = W_V C``, ``d_h`` the head
   width — the standard cross-attention scaling; the paper names no other temperature.
@@ -32,7 +32,8 @@ import jax.numpy as jnp
 
 from moee_jax.nn.attention import dot_product_attention
 from moee_jax.nn.layers import dense, partitioned
-from moee_jax.train.losses import vq_loss
+
+_sg = jax.lax.stop_gradient
 
 # Logical axis of the codebook's rows. Not in the rules table, so it is replicated (flax maps an
 # unlisted name to no mesh axis); the bank is small.
@@ -54,6 +55,20 @@ class BankOutput:
     index: jax.Array
     quantized: jax.Array | None = None
     vq_loss: jax.Array | None = None
+
+
+def vq_loss(s: jax.Array, code: jax.Array, beta: float) -> jax.Array:
+    """DICE-Talk eq. 17: ``‖sg[s] − C_k‖² + β‖s − sg[C_k]‖²``; scalar.
+
+    ``s`` and its retrieved code ``C_k`` are ``(..., d)``; squared norms are summed over ``d`` and
+    averaged over the leading (batch) axes. The first term moves only the code toward the input,
+    the second (commitment, weight ``beta``) only the input toward the code.
+    """
+    s = s.astype(jnp.float32)
+    code = code.astype(jnp.float32)
+    codebook_term = jnp.sum(jnp.square(_sg(s) - code), axis=-1)
+    commitment_term = jnp.sum(jnp.square(s - _sg(code)), axis=-1)
+    return jnp.mean(codebook_term + beta * commitment_term)
 
 
 def nearest_code(s: jax.Array, codebook: jax.Array) -> jax.Array:

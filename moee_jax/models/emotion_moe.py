@@ -94,22 +94,12 @@ class EmotionCondition:
     palette: jax.Array | None = None
     palette_keep: jax.Array | None = None
 
-    # Those of ``tokens``: shape checks written for a plain token array (the U-Net's input check)
-    # accept a condition unchanged.
-    @property
-    def shape(self) -> tuple[int, ...]:
-        return self.tokens.shape
-
-    @property
-    def ndim(self) -> int:
-        return self.tokens.ndim
-
 
 class EmotionMoE(nn.Module):
     """The emotion slot of a spatial transformer block: ``x (N, L, C)``, ``emotion`` → ``(N, L, C)``.
 
-    ``x`` holds frame-folded tokens (row ``b·F + f``); ``emotion`` is an :class:`EmotionCondition`
-    or a plain ``(B, Le, De)`` token array, per clip (``B`` divides ``N``) or per row (``B = N``).
+    ``x`` holds frame-folded tokens (row ``b·F + f``); ``emotion`` an :class:`EmotionCondition`, per
+    clip (``B`` divides ``N``) or per row (``B = N``).
     ``head_dim`` defaults to ``C // heads``, so one factory serves every U-Net level::
 
         UNetConfig(emotion_slot=functools.partial(EmotionMoE, heads=8, variant="moe"), emotion_dim=768)
@@ -123,10 +113,9 @@ class EmotionMoE(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array, emotion: EmotionCondition | jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cond: EmotionCondition) -> jax.Array:
         if self.variant not in VARIANTS:
             raise ValueError(f"EmotionMoE variant {self.variant!r}: expected one of {VARIANTS}")
-        cond = emotion if isinstance(emotion, EmotionCondition) else EmotionCondition(emotion)
         n, _, c = x.shape
         head_dim = self.head_dim or c // self.heads
         h = layer_norm(name="norm", dtype=self.dtype)(x)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from moee_jax.nn.layers import partitioned

@@ -17,8 +17,8 @@ Boundary shapes (channels last):
   reference_keep (B,) bool               False drops the reference for that clip (CFG branch)
   audio          (B, F, La, D_audio)     per-frame audio tokens
   audio_mask     (B, F, h, w)            region gate of the audio attention (full / face / lip)
-  emotion        (B, Le, D_emo)          emotion tokens for the emotion slot (skipped when None), or
-                                         a pytree with ``.tokens`` of that shape (e.g. EmotionCondition)
+  emotion        EmotionCondition        tokens (B, Le, D_emo) [+ palette] for the emotion slot
+                                         (skipped when None)
   face_locator   (B, F, h, w, C_0)       face-locator features added after ``conv_in``
   reference_latents (B, h, w, C_lat)     with ``reference_concat``: the reference latent, joined to
                                          every frame's input channels (zeros where
@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import flax.linen as nn
 import jax
@@ -44,6 +45,9 @@ from moee_jax.nn.layers import conv
 from moee_jax.nn.norms import group_norm
 from moee_jax.nn.resnet import ResnetBlock2D
 from moee_jax.nn.sampling import Downsample2D, Upsample2D
+
+if TYPE_CHECKING:  # the slot's condition type; the U-Net itself only passes it through
+    from moee_jax.models.emotion_moe import EmotionCondition
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +222,7 @@ class VideoUNet(nn.Module):
         reference_keep: jax.Array | None = None,
         audio: jax.Array | None = None,
         audio_mask: jax.Array | None = None,
-        emotion: jax.Array | None = None,
+        emotion: EmotionCondition | None = None,
         face_locator: jax.Array | None = None,
         reference_latents: jax.Array | None = None,
         collect_reference: bool = False,
@@ -320,8 +324,7 @@ class VideoUNet(nn.Module):
         if emotion is not None:
             if cfg.emotion_slot is None:
                 raise ValueError("emotion tokens were given but this U-Net has no emotion slot (emotion_slot=None)")
-            # The slot defines the condition's type; its tokens are what every slot attends to.
-            tokens = getattr(emotion, "tokens", emotion)
+            tokens = emotion.tokens
             if tokens.ndim != 3 or tokens.shape[0] != b or (cfg.emotion_dim and tokens.shape[-1] != cfg.emotion_dim):
                 raise ValueError(f"emotion must be (B={b}, Le, {cfg.emotion_dim}) tokens, got shape {tokens.shape}")
         if audio is not None:

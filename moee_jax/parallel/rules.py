@@ -73,3 +73,18 @@ def logical_rules(rules: Sequence[tuple[str, str | tuple[str, ...] | None]] | No
     """Context in which ``nn.with_logical_constraint`` / spec look-ups use ``rules``."""
     with nn.logical_axis_rules(tuple(rules) if rules is not None else DEFAULT_RULES):
         yield
+
+
+def rules_from_config(config) -> Rules:
+    """The rules of a config: ``config.sharding_rules`` (pairs of logical name and mesh axis, or a
+    tuple of mesh axes, or None) where given, else :data:`DEFAULT_RULES`."""
+    given = config.get("sharding_rules") if hasattr(config, "get") else None
+    if not given:
+        return DEFAULT_RULES
+    rules = []
+    for i, pair in enumerate(given):
+        if len(pair) != 2 or not isinstance(pair[0], str):
+            raise ValueError(f"config.sharding_rules[{i}] = {pair!r}: expected (logical_name, mesh_axis | (mesh_axes…) | None)")
+        axis = tuple(pair[1]) if isinstance(pair[1], (list, tuple)) else pair[1]
+        rules.append((pair[0], axis))
+    return tuple(rules)

@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from moee_jax.parallel.rules import DEFAULT_RULES
@@ -64,3 +65,13 @@ def sharded_init(
     with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
         tree = jax.jit(lambda r: nn.unbox(init_fn(r)), out_shardings=shardings)(rng)
     return tree, shardings
+
+
+def batch_shardings(mesh, example: dict) -> dict:
+    """Every array of a batch sharded over its leading (batch) axis."""
+    return {k: logical_sharding(mesh, ("batch",) + (None,) * (np.ndim(v) - 1)) for k, v in example.items()}
+
+
+def to_global(batch: dict, shardings: dict) -> dict:
+    """Per-process NumPy batch → global ``jax.Array``\\ s (this process's rows on its devices)."""
+    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v)) for k, v in batch.items()}

@@ -35,7 +35,7 @@ from ml_collections import ConfigDict
 
 log = logging.getLogger("moee_jax.demo")
 
-REPO = pathlib.Path(__file__).resolve().parents[2]
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
 class DemoError(RuntimeError):

@@ -1,17 +1,19 @@
-"""``moee animate``: a portrait, a speech clip and an emotion → a talking-head MP4.
+"""The animator: a trained model ready to turn a portrait, a speech clip and an emotion into frames.
 
 ::
 
     animator = Animator.from_run("RUN")                   # RUN/stage2/final + RUN/stage2/config.json
     result = animator.animate("face.png", "speech.wav", parse_emotion("happy:0.6,surprised:0.4"))
-    save_animation(result, "out.mp4")                     # + out.json (settings), optional PNG frames
+    save_animation(result, "out.mp4")                     # moee_jax.inference.outputs
 
-Per video: the portrait is face-cropped (:mod:`.inputs`), VAE-encoded once; the speech is cut into
-clips with training-identical audio features (:mod:`.long_audio`). Per clip, one jitted function
-runs the conditioning paths (audio projection, Emotion-to-Latents or the embedder), the guided
-sampler (:func:`moee_jax.inference.sampling.sample_clip`: ReferenceNet, then every CFG branch in
-one U-Net call per step) and the VAE decoder. Every clip of every video has the same shapes, so it
-compiles once per Animator and emotion kind.
+Per video (:meth:`Animator.prepare`): the portrait is face-cropped (:mod:`.inputs`) and encoded
+once; the speech is cut into clips with training-identical audio features (:mod:`.long_audio`); the
+emotion becomes typed :class:`~moee_jax.models.conditioning.EmotionSources`. Per clip, one jitted
+function builds the clip's :class:`~moee_jax.models.system.ModelInputs`, runs the system's
+conditioning (ReferenceNet and the conditioning paths, once per clip), the guided sampler
+(:func:`moee_jax.inference.sampling.sample_clip`: every CFG branch in one U-Net call per step) and
+the decoder. Every clip of every video has the same shapes, so it compiles once per Animator,
+emotion kind and batch size; :meth:`Animator.render_jobs` renders several videos in one batch.
 
 Emotion conditions (:class:`~moee_jax.inference.inputs.EmotionSpec`), for Emotion-to-Latents models:
 
@@ -32,22 +34,13 @@ one emotion for the whole video; ``audio`` uses the embedder's audio-only mode o
 
 The unconditional emotion branch of classifier-free guidance is what training's dropped emotion is:
 the model's learned null tokens (all modalities dropped) with the learned gate (no palette).
-
-Outputs (:func:`save_animation`) are all-or-nothing: the MP4 (H.264 + AAC, the speech muxed in) and
-its JSON settings sidecar are written under temporary names and renamed; PNG frames go to a
-temporary folder renamed at the end; on any error nothing is left behind.
 """
 
 from __future__ import annotations
 
-import contextlib
-import csv
 import dataclasses
-import json
 import os
 import pathlib
-import shutil
-import tempfile
 import time
 from collections.abc import Callable
 
@@ -55,23 +48,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from ml_collections import ConfigDict
-from PIL import Image
 
-from moee_jax.data.audio import SAMPLE_RATE
+from moee_jax.checkpoint.run import RunCheckpoint, load_run_config, resolve_checkpoint, restore_final
+from moee_jax.data.audio import audio_window, frame_log_mel
 from moee_jax.data.face_crop import crop_frame
-from moee_jax.data.pipeline import _audio_window, frame_log_mel
 from moee_jax.diffusion import SAMPLERS, DDIMPlan, DPMSolverPlan, SamplerConfig, make_plan, make_schedule
 from moee_jax.emotions import NUM_EMOTIONS
 from moee_jax.inference import inputs as inputs_lib
 from moee_jax.inference.inputs import EmotionSpec, InputError, Portrait, Speech
 from moee_jax.inference.long_audio import ClipPlan, clip_audio_features, plan_clips, roll_clips
-from moee_jax.inference.sampling import CONDITION_ORDER, ClipConditions, sample_clip
-from moee_jax.models.audio import AudioProjection
-from moee_jax.models.build import build_backbone
-from moee_jax.models.moee import EmotionConfig, build_moee_from_config
+from moee_jax.inference.sampling import CONDITION_ORDER, sample_clip
+from moee_jax.models.conditioning import EmotionSources
+from moee_jax.models.features import to_uint8
 from moee_jax.models.space_to_depth import SpaceToDepthAutoencoder
-from moee_jax.models.vae import decode_latents, encode_to_latents
-from moee_jax.train.stages import ContextTokens, frame_mel, mel_windows, upsample
+from moee_jax.models.system import Conditions, ModelInputs, MoEESystem
 
 REQUIRED_PARTS = ("vae", "face_locator", "context", "reference_net", "unet", "conditioning")
 TEXT_LENGTH = 32  # the training pipeline's default data.text_length
@@ -98,16 +88,16 @@ class Animation:
 class Job:
     """One video's checked inputs and per-video tensors (:meth:`Animator.prepare`).
 
-    mel (K, F + 2c, n_mels) per clip · emotion_inputs (batch 1, see :meth:`Animator.emotion_inputs`)
-    · plan_arrays: the sampler's plan · scales: CFG scale per condition · key: the noise seed ·
-    ref_latents (1, h, w, C) · face_features (1, F, h, w, C0).
+    mel (K, F + 2c, n_mels) per clip · emotion: the video's :class:`EmotionSources` (batch 1; the
+    per-clip speech is filled in per clip) · plan_arrays: the sampler's plan · scales: CFG scale per
+    condition · key: the noise seed · ref_latents (1, h, w, C) · face_features (1, F, h, w, C0).
     """
 
     portrait: Portrait
     speech: Speech
     plan: ClipPlan
     mel: np.ndarray
-    emotion_inputs: dict
+    emotion: EmotionSources
     plan_arrays: DDIMPlan | DPMSolverPlan
     scales: dict[str, float]
     key: jax.Array
@@ -132,12 +122,9 @@ class Animator:
         self.config, self.params, self.source = config, params, source
         self.text_encoder_path = text_encoder
         self._text_encoder = None
-        self.checkpoint: inputs_lib.RunCheckpoint | None = None
-        backbone = build_backbone(config)
-        self.vae, self.locator = backbone.vae, backbone.face_locator
-        self.model = build_moee_from_config(config)
-        self.emotion = EmotionConfig.from_dict(config.model.emotion.to_dict())
-        self.context = ContextTokens(int(config.model.context_tokens), int(config.model.unet.cross_attention_dim))
+        self.checkpoint: RunCheckpoint | None = None
+        self.system = MoEESystem(config)
+        self.emotion = self.system.emotion
         self.schedule = make_schedule(**config.diffusion.to_dict())
         size = tuple(int(s) for s in config.video.image_size)
         if size[0] != size[1]:
@@ -145,11 +132,11 @@ class Animator:
         self.size = size[0]
         self.fps = float(config.video.fps)
         data = config.data
-        self.clip_frames = int(data.num_frames)
-        self.motion_frames = int(data.motion_frames)
-        self.context_frames = int(data.audio_context_frames)
+        self.clip_frames = self.system.clip_frames
+        self.motion_frames = self.system.motion_frames
+        self.context_frames = self.system.audio_context
         self.mel_bins = int(data.mel_bins)
-        self.downsample = int(data.mask_downsample)
+        self.downsample = self.system.downsample
         self.text_length = int(data.get("text_length", TEXT_LENGTH))
         if self.mel_bins < 1:
             raise InputError(f"--checkpoint {source}: config.data.mel_bins={self.mel_bins}; the model has no audio features to drive it")
@@ -160,11 +147,10 @@ class Animator:
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, text_encoder: str | os.PathLike | None = None) -> Animator:
         """Load ``RUN/stage2/final`` and ``RUN/stage2/config.json`` (``run_dir`` may also be the stage
-        or ``final`` directory). Raises :class:`InputError` for a missing, unfinished or wrong-stage run."""
-        checkpoint = inputs_lib.resolve_checkpoint(run_dir)
-        config = inputs_lib.load_run_config(checkpoint)
-        params = _restore_on_one_device(checkpoint.final)
-        animator = cls(config, params, source=str(run_dir), text_encoder=text_encoder)
+        or ``final`` directory). Raises :class:`~moee_jax.checkpoint.run.RunError` for a missing,
+        unfinished or wrong-stage run."""
+        checkpoint = resolve_checkpoint(run_dir)
+        animator = cls(load_run_config(checkpoint), restore_final(checkpoint.final), source=str(run_dir), text_encoder=text_encoder)
         animator.checkpoint = checkpoint
         return animator
 
@@ -173,26 +159,20 @@ class Animator:
     @property
     def lossless_latents(self) -> bool:
         """Whether the autoencoder is lossless (space-to-depth): its round trip is the identity."""
-        return isinstance(self.vae, SpaceToDepthAutoencoder)
+        return isinstance(self.system.vae, SpaceToDepthAutoencoder)
 
     def round_trip(self, frames: np.ndarray) -> np.ndarray:
         """Frames ``(N, S, S, 3)`` uint8 through the model's latent encode and decode, as uint8: what
         the latent space keeps of them (the ceiling of any generated video)."""
         if not hasattr(self, "_round_trip"):
-
-            def fn(params, x):
-                z = encode_to_latents(self.vae, params, x.astype(jnp.float32) / 127.5 - 1.0)
-                y = decode_latents(self.vae, params, z).astype(jnp.float32)
-                return jnp.clip(jnp.round((y + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-
-            self._round_trip = jax.jit(fn)
-        return np.asarray(self._round_trip(self.params["vae"], jnp.asarray(frames)))
+            self._round_trip = jax.jit(lambda params, x: to_uint8(self.system.decode(params, self.system.encode_images(params, x))))
+        return np.asarray(self._round_trip(self.params, jnp.asarray(frames)))
 
     # ---- what the model can take ---------------------------------------------------------------------------------
 
     @property
     def uses_embedder(self) -> bool:
-        return self.emotion.sources == ("embedder",)
+        return self.emotion.uses_embedder
 
     def check_emotion(self, spec: EmotionSpec) -> None:
         """Raise :class:`InputError` when this model cannot take ``spec``."""
@@ -232,7 +212,7 @@ class Animator:
         detect: bool = True,
     ) -> Job:
         """Check and load every input of one video and compute its per-video tensors (reference
-        latent, face features, per-clip audio features, emotion inputs); no clip is sampled yet.
+        latent, face features, per-clip audio features, emotion sources); no clip is sampled yet.
         Raises :class:`InputError` for any unusable input. Arguments as :meth:`animate`."""
         self.check_emotion(emotion)
         speech = audio if isinstance(audio, Speech) else inputs_lib.load_speech(audio)
@@ -242,7 +222,7 @@ class Animator:
             picture, image_name = inputs_lib.load_image(image), str(image)
         portrait = inputs_lib.prepare_portrait(picture, self.size, detect=detect, name=f"--image {image_name}")
         plan = plan_clips(speech.wave.size, self.fps, self.clip_frames, self.motion_frames, self.context_frames)
-        emotion_inputs = self.emotion_inputs(emotion, detect=detect)
+        sources = self.emotion_sources(emotion, detect=detect)
         sampling = self._sampling(steps, sampler, guidance)
         face_mask = inputs_lib.face_region_mask(self.size, self.downsample)
         face_mask = np.broadcast_to(face_mask, (1, self.clip_frames) + face_mask.shape)
@@ -268,19 +248,10 @@ class Animator:
             "clips": plan.num_clips,
         }
         return Job(
-            portrait=portrait,
-            speech=speech,
-            plan=plan,
-            mel=clip_audio_features(speech.wave, plan, self.mel_bins),
-            emotion_inputs=emotion_inputs,
-            plan_arrays=sampling["plan"],
-            scales=sampling["scales"],
-            key=jax.random.key(seed),
-            ref_latents=ref_latents,
-            face_features=face_features,
-            settings=settings,
-            warnings=[*portrait.warnings, *speech.warnings],
-        )
+            portrait=portrait, speech=speech, plan=plan, mel=clip_audio_features(speech.wave, plan, self.mel_bins), emotion=sources,
+            plan_arrays=sampling["plan"], scales=sampling["scales"], key=jax.random.key(seed), ref_latents=ref_latents,
+            face_features=face_features, settings=settings, warnings=[*portrait.warnings, *speech.warnings],
+        )  # fmt: skip
 
     def first_motion(self, job: Job) -> jax.Array | None:
         """Clip 0's motion latents: the reference latent repeated, ``(1, M, h, w, C)`` (None if M = 0)."""
@@ -291,7 +262,7 @@ class Animator:
         ``(1, F, h, w, C)`` (on device) and frames ``(F, S, S, 3)`` uint8. Clip ``k``'s noise is
         ``fold_in(key(seed), k)``, so a clip can be re-rendered with other motion frames."""
         latents, pixels = self._clip_step(
-            self.params, job.emotion_inputs, jnp.asarray(job.mel[k : k + 1]), job.ref_latents, job.face_features, motion,
+            self.params, job.emotion, jnp.asarray(job.mel[k : k + 1]), job.ref_latents, job.face_features, motion,
             job.key[None], jnp.int32(k), job.plan_arrays, scales=tuple(sorted(job.scales.items())),
         )  # fmt: skip
         return latents, np.asarray(pixels[0])
@@ -349,11 +320,11 @@ class Animator:
             return []
         first = jobs[0]
         for job in jobs[1:]:
-            if job.plan.num_clips != first.plan.num_clips or sorted(job.emotion_inputs) != sorted(first.emotion_inputs) \
-                    or job.scales != first.scales or job.settings["steps"] != first.settings["steps"] \
-                    or job.settings["sampler"] != first.settings["sampler"]:  # fmt: skip
+            if job.plan.num_clips != first.plan.num_clips or job.scales != first.scales \
+                    or jax.tree_util.tree_structure(job.emotion) != jax.tree_util.tree_structure(first.emotion) \
+                    or (job.settings["steps"], job.settings["sampler"]) != (first.settings["steps"], first.settings["sampler"]):  # fmt: skip
                 raise ValueError("render_jobs batches jobs with the same clip count, sampler, guidance and emotion-input kinds")
-        emotion = {key: jnp.concatenate([jnp.asarray(j.emotion_inputs[key]) for j in jobs]) for key in first.emotion_inputs}
+        emotion = jax.tree_util.tree_map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *[j.emotion for j in jobs])
         ref = jnp.concatenate([j.ref_latents for j in jobs])
         faces = jnp.concatenate([j.face_features for j in jobs])
         keys = jnp.stack([j.key for j in jobs])
@@ -375,33 +346,33 @@ class Animator:
 
     # ---- conditioning inputs ---------------------------------------------------------------------------------------
 
-    def emotion_inputs(self, spec: EmotionSpec, *, detect: bool = True) -> dict[str, np.ndarray]:
-        """The per-video (clip-independent) emotion inputs of the conditioning, batch 1.
+    def emotion_sources(self, spec: EmotionSpec, *, detect: bool = True) -> EmotionSources:
+        """The video's emotion sources (batch 1); per-clip speech is added per clip.
 
-        Emotion-to-Latents models: ``emotion_label (1, 6)`` (zeros when the label is dropped),
-        ``emotion_drop (1, 3)`` flags over (text, speech, label) — True drops; speech, when kept, is
-        each clip's own and added per clip — ``text_features (1, L, D)`` + ``text_mask``, and the
-        MoE gate's ``palette (1, 6)`` with ``palette_keep (1,)`` (True for a label or palette). Embedder models: ``expression_frames
-        (1, F, S, S, 3)`` in [-1, 1], ``mouth_mask (1, F, S, S)`` and ``embedder_audio (1, F, n_mels)``
-        (when the reference clip has sound) for ``video``; nothing for ``audio`` (each clip's speech).
+        Emotion-to-Latents models: ``label (1, 6)`` (zeros when the label is dropped), ``drop (1, 3)``
+        over (text, speech, label) — one kept — ``text (1, L, D)`` + ``text_mask``, and the MoE
+        gate's ``palette (1, 6)`` with ``palette_keep (1,)`` (True for a label or palette). Embedder
+        models: ``expression_frames (1, F, S, S, 3)`` in [-1, 1], ``mouth_mask (1, F, S, S)`` and
+        ``embedder_audio (1, F, n_mels)`` (when the reference clip has sound) for ``video``; for
+        ``audio`` each clip's speech.
         """
         self.check_emotion(spec)
-        if self.uses_embedder:
-            return self._reference_clip_inputs(spec.video, detect) if spec.kind == "video" else {}
         weights = np.zeros(NUM_EMOTIONS, np.float32) if spec.weights is None else np.asarray(spec.weights, np.float32)
+        if self.uses_embedder:
+            extra = self._reference_clip_inputs(spec.video, detect) if spec.kind == "video" else {}
+            return EmotionSources(drop=np.zeros((1, 3), bool), palette=weights[None], palette_keep=np.zeros((1,), bool), **extra)
         keep_label = spec.kind in ("label", "palette")
         keep_text = spec.kind == "text"
         keep_speech = spec.kind == "audio"
-        out = {
-            "emotion_label": weights[None],
-            "emotion_drop": np.array([[not keep_text, not keep_speech, not keep_label]]),
-            # The label's weights set the MoE's global gate; without a label the learned gate acts.
-            "palette": weights[None],
-            "palette_keep": np.array([keep_label]),
-        }
+        text = mask = None
         if keep_text:
-            out["text_features"], out["text_mask"] = self._encode_text(spec.text)
-        return out
+            text, mask = self._encode_text(spec.text)
+        return EmotionSources(
+            drop=np.array([[not keep_text, not keep_speech, not keep_label]]),
+            # The label's weights set the MoE's global gate; without a label the learned gate acts.
+            palette=weights[None], palette_keep=np.array([keep_label]),
+            label=weights[None] if "label" in self.emotion.sources else None, text=text, text_mask=mask,
+        )  # fmt: skip
 
     def _encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         if self._text_encoder is None:
@@ -445,7 +416,7 @@ class Animator:
             "mouth_mask": np.broadcast_to(mouth, (1, f) + mouth.shape).copy(),
         }
         if sound is not None:
-            mel = frame_log_mel(_audio_window(sound, self.fps, start - c, f + 2 * c), self.fps, self.mel_bins)
+            mel = frame_log_mel(audio_window(sound, self.fps, start - c, f + 2 * c), self.fps, self.mel_bins)
             out["embedder_audio"] = mel[None, c : c + f]
         return out
 
@@ -476,290 +447,51 @@ class Animator:
     def _prepare_fn(self, params, crop, face_mask):
         """``crop (1, S, S, 3)`` uint8, ``face_mask (1, F, m, m)`` → reference latent ``(1, h, w, C)``
         and face-locator features ``(1, F, h, w, C0)``."""
-        ref = encode_to_latents(self.vae, params["vae"], crop.astype(jnp.float32) / 127.5 - 1.0)
-        features = self.locator.apply({"params": params["face_locator"]}, upsample(face_mask, self.downsample)[..., None])
-        return ref, features
+        return self.system.encode_images(params, crop), self.system.face_features(params, face_mask)
 
-    def clip_conditions(self, params, emotion_inputs: dict, mel, ref_latents, face_features, motion) -> ClipConditions:
-        """Everything clip ``mel (1, F + 2c, n)`` is conditioned on (traceable): audio tokens, emotion
-        condition (tokens + palette), learned null emotion, null audio tokens (the projection of
-        all-zero windows: what training's dropped-audio branch sees), motion latents, face features."""
-        f, c = self.clip_frames, self.context_frames
-        per_frame = frame_mel(mel, f, c)  # (1, F, n)
-        batch = {"audio_windows": mel_windows(mel, f, c), **emotion_inputs}
-        null = None
+    def clip_emotion(self, emotion: EmotionSources, mel: jax.Array) -> EmotionSources:
+        """The videos' emotion sources on one clip: the clip's speech (per-frame log-mel of
+        ``mel (B, F + 2c, n)``) filled in where the model takes speech, then checked."""
+        per_frame = self.system.speech_features(mel)
         if self.uses_embedder:
-            if "expression_frames" not in emotion_inputs:
-                batch["embedder_audio"] = per_frame
-        else:
-            if "speech" in self.emotion.sources:
-                batch["speech_features"] = per_frame
-            unconditional = {k: v for k, v in batch.items() if k != "audio_windows"}
-            unconditional["emotion_drop"] = jnp.ones_like(batch["emotion_drop"])
-            null = self.model.conditioning.apply({"params": params["conditioning"]}, unconditional, train=False).emotion.tokens
-        out = self.model.conditioning.apply({"params": params["conditioning"]}, batch, train=False)
-        null_audio = None
-        if out.audio is not None:
-            cfg = self.model.conditioning
-            projection = AudioProjection(cfg.audio.num_tokens, cfg.audio_out_dim, cfg.audio.hidden_dim, dtype=cfg.dtype)
-            silent = jnp.zeros_like(batch["audio_windows"])
-            null_audio = projection.apply({"params": params["conditioning"]["audio_projection"]}, silent)
-        return ClipConditions(
-            ref_latents=ref_latents,
-            context=self.context.apply({"params": params["context"]}, ref_latents.shape[0]),
-            audio=out.audio,
-            null_audio=null_audio,
-            emotion=out.emotion,
-            null_emotion=null,
-            motion_frames=motion,
-            face_locator=face_features,
-        )
+            if emotion.expression_frames is None:
+                emotion = dataclasses.replace(emotion, embedder_audio=per_frame)
+        elif "speech" in self.emotion.sources:
+            emotion = dataclasses.replace(emotion, speech=per_frame)
+        return EmotionSources.make(self.emotion, **{f.name: getattr(emotion, f.name) for f in dataclasses.fields(emotion)})
 
-    def _clip_step_fn(self, params, emotion_inputs, mel, ref_latents, face_features, motion, keys, k, plan, scales: tuple):
+    def clip_inputs(self, params, emotion: EmotionSources, mel, ref_latents, face_features, motion) -> ModelInputs:
+        """The :class:`ModelInputs` of one clip of ``B`` videos (traceable): its audio windows from
+        ``mel (B, F + 2c, n)`` and :meth:`clip_emotion`."""
+        b = ref_latents.shape[0]
+        return ModelInputs(
+            ref_latents=ref_latents, context=self.system.context_tokens(params, b), reference_keep=jnp.ones((b,), bool),
+            emotion=self.clip_emotion(emotion, mel), audio_windows=self.system.audio_windows(mel), motion_latents=motion,
+            face_features=face_features,
+        )  # fmt: skip
+
+    def clip_conditions(self, params, emotion: EmotionSources, mel, ref_latents, face_features, motion) -> Conditions:
+        """Everything clip ``mel`` is conditioned on, guidance's dropped alternatives included."""
+        inputs = self.clip_inputs(params, emotion, mel, ref_latents, face_features, motion)
+        return self.system.conditions(params, inputs, with_nulls=True)
+
+    def _clip_step_fn(self, params, emotion, mel, ref_latents, face_features, motion, keys, k, plan, scales: tuple):
         """Clip ``k`` of ``B`` videos at once: conditions → guided sampling → decoding. ``keys (B,)``:
         each video's own noise key, so a video's noise does not depend on what it is batched with.
         → latents ``(B, F, h, w, C)`` and frames ``(B, F, S, S, 3)`` uint8."""
-        cond = self.clip_conditions(params, emotion_inputs, mel, ref_latents, face_features, motion)
+        cond = self.clip_conditions(params, emotion, mel, ref_latents, face_features, motion)
         split = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k)))(keys)  # (B, 2) keys
         shape = (self.clip_frames,) + ref_latents.shape[1:]
         x_T = jax.vmap(lambda r: jax.random.normal(r, shape, jnp.float32))(split[:, 0]).astype(ref_latents.dtype)
-        r_sampler = split[0, 1]
-        scales = {name: value for name, value in scales if name in cond.present()}
-        latents = sample_clip(
-            self.model.unet, params["unet"], self.model.refnet, params["reference_net"], cond, plan, scales, x_T, r_sampler
-        )
-        images = decode_latents(self.vae, params["vae"], latents).astype(jnp.float32)
-        pixels = jnp.clip(jnp.round((images + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
-        return latents, pixels
+
+        def denoise(c, x, t):
+            return self.system.denoise(params, c, x, t).prediction
+
+        latents = sample_clip(denoise, cond, plan, dict(scales), x_T, split[0, 1])
+        return latents, to_uint8(self.system.decode(params, latents))
 
 
 _FLAG_OF_KIND = {"label": "--emotion", "palette": "--emotion", "text": "--emotion_text", "audio": "--emotion_from_audio",
                  "video": "--emotion_video"}  # fmt: skip
 _SOURCE_OF_KIND = {"label": "label", "palette": "label", "text": "text", "audio": "speech"}
 _FLAG_OF_SOURCE = {"label": "--emotion", "text": "--emotion_text", "speech": "--emotion_from_audio"}
-
-
-def _restore_on_one_device(final: pathlib.Path) -> dict:
-    """Read a params export onto the first local device, whatever mesh it was saved from."""
-    import orbax.checkpoint as ocp
-
-    from moee_jax.checkpoint.orbax import restore_params
-
-    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    try:
-        with ocp.StandardCheckpointer() as ckptr:
-            stored = ckptr.metadata(final.absolute() / "params").item_metadata.tree
-        abstract = jax.tree_util.tree_map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), stored)
-        return restore_params(final, abstract)
-    except (FileNotFoundError, ValueError, OSError) as e:
-        raise InputError(f"--checkpoint: cannot read the parameters in {final} ({type(e).__name__}: {e})") from None
-
-
-# ---- outputs -----------------------------------------------------------------------------------------------------------
-
-
-def check_outputs(out: str | os.PathLike, frames_dir: str | os.PathLike | None = None) -> None:
-    """Refuse, before any work, outputs that could not be written: ``out`` not an ``.mp4`` path or a
-    directory, ``frames_dir`` an existing non-empty folder or a file."""
-    out = pathlib.Path(out)
-    if out.suffix.lower() != ".mp4":
-        raise InputError(f"--out {out}: the video is written as MP4; give a path ending in .mp4")
-    if out.is_dir():
-        raise InputError(f"--out {out}: is a directory; give a file path ending in .mp4")
-    if frames_dir is not None:
-        d = pathlib.Path(frames_dir)
-        if d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise InputError(f"--frames_dir {d}: exists and is not an empty folder; choose a new folder")
-
-
-def sidecar_path(out: str | os.PathLike) -> pathlib.Path:
-    """Where the settings of ``out.mp4`` go: ``out.json``."""
-    return pathlib.Path(out).with_suffix(".json")
-
-
-def save_animation(
-    animation: Animation, out: str | os.PathLike, *, frames_dir: str | os.PathLike | None = None, paste: bool = False
-) -> dict[str, str]:
-    """Write ``out`` (MP4 with the speech muxed in), ``out.json`` (settings) and, with ``frames_dir``,
-    one PNG per frame; ``paste=True`` writes the animated face pasted back into the whole photo
-    (:func:`~moee_jax.inference.inputs.paste_back`) instead of the square crop. All or nothing.
-    → the paths written."""
-    from moee_jax.data.video_io import write_video
-
-    out = pathlib.Path(out)
-    check_outputs(out, frames_dir)
-    frames = animation.frames
-    if paste:
-        frames = inputs_lib.paste_back(animation.portrait.image, frames, animation.portrait.box)
-    settings = dict(animation.settings, output=str(out), paste_back=bool(paste))
-    sidecar = sidecar_path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    written: list[pathlib.Path] = []
-    staging = None
-    try:
-        if frames_dir is not None:
-            target = pathlib.Path(frames_dir)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            staging = pathlib.Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.", suffix=".partial"))
-            os.chmod(staging, 0o777 & ~_umask())
-            for i, frame in enumerate(frames):
-                Image.fromarray(frame).save(staging / f"{i:06d}.png")
-            settings["frames_dir"] = str(target)
-        write_video(out, frames, animation.fps, animation.audio, SAMPLE_RATE)
-        written.append(out)
-        _write_text_atomic(sidecar, json.dumps(settings, indent=2))
-        written.append(sidecar)
-        if staging is not None:
-            if target.exists():
-                target.rmdir()  # empty, checked above
-            os.replace(staging, target)
-            staging = None
-            written.append(target)
-    except BaseException:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-        for path in written:
-            with contextlib.suppress(FileNotFoundError):
-                shutil.rmtree(path) if path.is_dir() else path.unlink()
-        raise
-    return {"video": str(out), "settings": str(sidecar), **({"frames_dir": str(frames_dir)} if frames_dir is not None else {})}
-
-
-def animate_to_file(
-    animator: Animator,
-    image: str | os.PathLike | np.ndarray,
-    audio: str | os.PathLike | Speech,
-    emotion: EmotionSpec,
-    out: str | os.PathLike,
-    *,
-    frames_dir: str | os.PathLike | None = None,
-    paste: bool = False,
-    progress: Callable[[int, int], None] | None = None,
-    **options,
-) -> Animation:
-    """Check the outputs, animate (``options``: see :meth:`Animator.animate`) and save
-    (:func:`save_animation`): on any error — a bad input, a failed write — no output exists."""
-    check_outputs(out, frames_dir)
-    animation = animator.animate(image, audio, emotion, progress=progress, **options)
-    save_animation(animation, out, frames_dir=frames_dir, paste=paste)
-    return animation
-
-
-def _write_text_atomic(path: pathlib.Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 is for the temporary name only
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-# ---- batch mode --------------------------------------------------------------------------------------------------------
-
-MANIFEST_COLUMNS = ("image", "audio", "emotion", "out")
-OPTIONAL_COLUMNS = ("emotion_text", "emotion_video", "seed")
-FROM_AUDIO = ("audio", "from_audio")
-
-
-def read_manifest(path: str | os.PathLike) -> list[dict[str, str]]:
-    """Rows of a batch manifest CSV: columns ``image, audio, emotion, out`` (+ optional
-    ``emotion_text, emotion_video, seed``). ``emotion`` is a label or palette spec, ``audio`` for the
-    emotion of the speech, or empty when ``emotion_text`` / ``emotion_video`` gives it. Relative paths
-    are relative to the manifest's folder."""
-    path = pathlib.Path(path)
-    if not path.is_file():
-        raise InputError(f"--batch {path}: manifest file not found")
-    try:
-        with path.open(newline="", encoding="utf-8-sig") as f:
-            reader = csv.DictReader(f)
-            header = [h.strip() for h in (reader.fieldnames or [])]
-            missing = [c for c in MANIFEST_COLUMNS if c not in header]
-            if missing:
-                raise InputError(
-                    f"--batch {path}: the header lacks column(s) {missing}; expected {', '.join(MANIFEST_COLUMNS)} "
-                    f"(optional: {', '.join(OPTIONAL_COLUMNS)}), got {header}"
-                )
-            rows = [{(k or "").strip(): (v or "").strip() for k, v in row.items()} for row in reader]
-    except (UnicodeDecodeError, csv.Error) as e:
-        raise InputError(f"--batch {path}: not a readable CSV file ({e})") from None
-    if not rows:
-        raise InputError(f"--batch {path}: the manifest has no rows")
-    return rows
-
-
-def row_emotion(row: dict[str, str]) -> EmotionSpec:
-    """The :class:`EmotionSpec` of one manifest row."""
-    emotion = row.get("emotion", "")
-    from_audio = emotion.lower() in FROM_AUDIO
-    return inputs_lib.parse_emotion(
-        emotion if emotion and not from_audio else None,
-        emotion_text=row.get("emotion_text") or None,
-        emotion_from_audio=from_audio,
-        emotion_video=row.get("emotion_video") or None,
-    )
-
-
-def animate_batch(
-    animator: Animator,
-    manifest: str | os.PathLike,
-    *,
-    report: str | os.PathLike | None = None,
-    on_row: Callable[[int, dict], None] | None = None,
-    **options,
-) -> dict:
-    """Animate every row of ``manifest`` (see :func:`read_manifest`); a bad row is skipped and
-    reported, and the run goes on. ``options`` go to :meth:`Animator.animate` (``steps``,
-    ``sampler``, ``guidance``, ``seed``, ``detect``) and :func:`save_animation` (``paste``).
-
-    The report (``report``, default ``<manifest>.report.json``) is rewritten after every row, so
-    finished work is on record even if the job is killed: ``{"manifest", "rows", "done": [{"line",
-    "out", "seconds"}], "failed": [{"line", "error"}]}``. ``on_row(line, entry)`` follows each row.
-    → the report.
-    """
-    manifest = pathlib.Path(manifest)
-    rows = read_manifest(manifest)
-    report_path = pathlib.Path(report) if report is not None else manifest.with_suffix(".report.json")
-    base = manifest.parent
-    paste = bool(options.pop("paste", False))
-    result: dict = {"manifest": str(manifest), "rows": len(rows), "done": [], "failed": []}
-    for line, row in enumerate(rows, start=2):  # line 1 is the header
-        t0 = time.perf_counter()
-        try:
-            if not row.get("image") or not row.get("audio") or not row.get("out"):
-                raise InputError("image, audio and out must all be given")
-            spec = row_emotion(row)
-            if spec.video is not None and not spec.video.is_absolute():
-                spec = dataclasses.replace(spec, video=base / spec.video, spec=str(base / spec.video))
-            out = _under(base, row["out"])
-            kwargs = dict(options)
-            if row.get("seed"):
-                try:
-                    kwargs["seed"] = int(row["seed"])
-                except ValueError:
-                    raise InputError(f"seed {row['seed']!r} is not an integer") from None
-            animation = animate_to_file(animator, _under(base, row["image"]), _under(base, row["audio"]), spec, out, paste=paste, **kwargs)
-            entry = {"line": line, "out": str(out), "seconds": round(time.perf_counter() - t0, 2), "warnings": animation.warnings}
-            result["done"].append(entry)
-        except (InputError, ValueError, OSError, RuntimeError) as e:
-            entry = {"line": line, "image": row.get("image", ""), "error": f"{e}"}
-            result["failed"].append(entry)
-        _write_text_atomic(report_path, json.dumps(result, indent=2))
-        if on_row is not None:
-            on_row(line, entry)
-    result["report"] = str(report_path)
-    return result
-
-
-def _under(base: pathlib.Path, value: str) -> pathlib.Path:
-    p = pathlib.Path(value).expanduser()
-    return p if p.is_absolute() else base / p
