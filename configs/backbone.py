@@ -7,6 +7,12 @@ Variants (``--config configs/backbone.py:VARIANT``):
         512×512 at 25 fps, 16 frames + 2 motion frames, v-prediction with zero-terminal-SNR,
         trailing DDIM, 40 steps.
 Override any field: ``--config.model.unet.layers_per_block=1``.
+
+Audio and emotion features: the stage configs (configs/training.py) train every variant on per-frame
+log-mel (``data.features=""``; speech emotion = log-mel, emotion sources label + speech). The real
+sd15 recipe (Hallo's audio path, MoEE's text and speech emotion) uses pretrained encoders through a
+feature cache: ``moee features --audio_encoder wav2vec2-base --text_encoder t5-base`` once, then
+``data.features`` = that folder with the widths below (768 for both) and sources label + text + speech.
 """
 
 from ml_collections import ConfigDict
@@ -97,8 +103,11 @@ def get_config(arg: str = "tiny") -> ConfigDict:
             moe_heads=8 if wide else 2,
             latents_layers=2 if wide else 1,
             latents_heads=8 if wide else 2,
-            text_dim=768 if wide else 32,  # T5 encoder width (t5-base: 768)
-            speech_dim=768 if wide else 32,  # speech-emotion encoder width (wav2vec2-base: 768)
+            # Widths of the text / speech emotion features: the feature cache's T5 (t5-base: 768) and
+            # wav2vec2 (wav2vec2-base, last layer: 768) for sd15. The stage configs train on log-mel and
+            # set speech_dim = data.mel_bins and sources = (label, speech) (configs/training.py).
+            text_dim=768 if wide else 32,
+            speech_dim=768 if wide else 32,
             embedder_dim=128 if wide else 16,
             embedder_heads=4 if wide else 2,
             embedder_audio_layers=2 if wide else 1,
@@ -112,7 +121,8 @@ def get_config(arg: str = "tiny") -> ConfigDict:
             discriminator_hidden=512 if wide else 32,
         )
     )
-    # Audio windows → tokens (Hallo: wav2vec2-base, 12 layers + embeddings, ±2 frames, 32 tokens).
+    # Audio windows → tokens: per-frame log-mel windows (±data.audio_context_frames) by default; with a
+    # feature cache, Hallo's wav2vec2-base windows (12 layers + embeddings, ±2 frames) → 32 tokens for sd15.
     c.model.audio = ConfigDict(dict(num_tokens=32 if wide else 4, hidden_dim=512 if wide else 32))
     c.model.context_tokens = 4  # identity / image tokens fed to cross-attention
 

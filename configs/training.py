@@ -89,9 +89,18 @@ def training_config(stage: str, variant: str) -> ConfigDict:
         emotion_speech_p=0.2,  # emotion from the speech alone (the label dropped), as --emotion-from-audio
         emotion_text_p=0.0,
         worker_count=0, worker_buffer_size=2,
+        # Pretrained-encoder features (moee_jax.data.feature_cache): "" trains on log-mel alone; a folder
+        # built by `moee features` adds wav2vec2 audio windows (they replace the log-mel windows), the
+        # wav2vec2 speech emotion source and T5 text features (of the cache's length, which the
+        # animator then encodes --emotion_text to).
+        features="",
     ))  # fmt: skip
     c.checkpoint = ConfigDict(dict(every_steps=20 if tiny else 1000, keep=3, async_save=True, export_ema=False))
-    # Audio windows are log-mel frames (pipeline ``mel``): the speech features of Emotion-to-Latents too.
+    # What training uses by default, every variant: log-mel audio (pipeline ``mel``), for the U-Net's audio
+    # windows and as the speech emotion source; label + speech emotion (no text without T5 features).
+    # With a feature cache (data.features) the widths become the encoders' — wav2vec2-base and t5-base:
+    # --config.data.features=FOLDER --config.model.emotion.speech_dim=768 --config.model.emotion.text_dim=768
+    # --config.model.emotion.sources='("label","text","speech")' (the trainer checks them against the cache).
     c.model.emotion.speech_dim = c.data.mel_bins
     c.model.emotion.sources = ("label", "speech")
     return c

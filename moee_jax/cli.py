@@ -5,6 +5,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
   demo      train MoEE on synthetic talking faces, animate held-out people, score them (no weights needed)
   train     one training stage (vae | embedder | stage1 | stage2) on a TFDS dataset, sharded, resumable
   prepare   real videos (manifest CSV or MEAD tree) → face-cropped clips → talking_face_clips TFDS dataset
+  features  a dataset's wav2vec2 audio and T5 text features, computed once into a cache (data.features)
   animate   portrait + speech + emotion → talking-head MP4 with the speech muxed in (or a manifest CSV of them)
   eval      score a run on held-out synthetic identities (emotion, AUs, compounds, lip sync, identity)
   ablate    train and score MoEE's stage-2 ablations from a run's stage 1; prints the paper-form table
@@ -111,9 +112,12 @@ def _prepare() -> None:
         "smooth_window", 0, "0: one crop box per clip; n: a box following the face, averaged over n frames."
     )
     max_missing_face = flags.DEFINE_float("max_missing_face", 0.2, "Largest fraction of frames without a face that is interpolated over.")
+    encoders = _encoder_flags("features")
 
     def main(argv):
         del argv
+        if (encoders["audio_encoder"].value or encoders["text_encoder"].value) and data_dir.value is None:
+            sys.exit("moee prepare: --audio_encoder / --text_encoder encode the built dataset; give --data_dir too")
         from moee_jax.data.landmarks import LandmarkSetupError
         from moee_jax.data.manifest import ManifestError, load_inputs
         from moee_jax.data.prepare import PrepareSetupError, prepare_videos
@@ -140,6 +144,62 @@ def _prepare() -> None:
             sys.exit(f"moee prepare: {e}")
         splits = ", ".join(f"{name} {info.num_examples}" for name, info in builder.info.splits.items())
         print(f"built {builder.info.full_name} ({splits} clips) in {builder.data_dir}")
+        if encoders["audio_encoder"].value or encoders["text_encoder"].value:
+            _build_features(encoders, data_dir.value, builder.name, list(builder.info.splits), "prepare")
+
+    return main
+
+
+def _encoder_flags(folder_flag: str) -> dict:
+    """The flags of a feature-cache build; ``folder_flag`` names the cache folder's flag."""
+    return {
+        "audio_encoder": flags.DEFINE_string(
+            "audio_encoder", None, "wav2vec2 folder (transformers layout, e.g. wav2vec2-base): audio features."
+        ),
+        "text_encoder": flags.DEFINE_string(
+            "text_encoder", None, "T5 folder (transformers layout, e.g. t5-base): features of each clip's text."
+        ),
+        "text_length": flags.DEFINE_integer("text_length", 32, "T5 tokens per text (the config's data.text_length)."),
+        "folder": flags.DEFINE_string(folder_flag, None, "Feature cache folder (default: DATA_DIR/features/DATASET)."),
+    }
+
+
+def _build_features(encoders: dict, data_dir: str, dataset: str, splits: list[str], command: str) -> None:
+    """Encode ``splits`` of ``dataset`` into the feature cache (:mod:`moee_jax.data.feature_cache`)."""
+    from tqdm import tqdm
+
+    from moee_jax.data.feature_cache import FeatureCacheError, build_feature_cache, default_folder
+
+    folder = encoders["folder"].value or str(default_folder(data_dir, dataset))
+    try:
+        for split in splits:
+            with tqdm(unit="clip", desc=f"features {split}", file=sys.stderr) as bar:
+
+                def progress(done, total):
+                    bar.total = total
+                    bar.update(done - bar.n)
+
+                manifest = build_feature_cache(
+                    data_dir, dataset, split, folder, audio_encoder=encoders["audio_encoder"].value,
+                    text_encoder=encoders["text_encoder"].value, text_length=encoders["text_length"].value, progress=progress,
+                )  # fmt: skip
+    except (FeatureCacheError, FileNotFoundError, ValueError) as e:
+        sys.exit(f"moee {command}: {e}")
+    done = ", ".join(f"{name} {entry['num_records']}" for name, entry in manifest["splits"].items())
+    print(f"wrote the feature cache {folder} ({done} clips); train with --config.data.features={folder}")
+
+
+def _features() -> None:
+    data_dir = flags.DEFINE_string("data_dir", None, "TFDS data dir holding the dataset.", required=True)
+    dataset = flags.DEFINE_string("dataset", "talking_face_clips", "TFDS name[/config], e.g. synthetic_talking_faces/tiny.")
+    splits = flags.DEFINE_list("splits", ["train"], "Splits to encode.")
+    encoders = _encoder_flags("out")
+
+    def main(argv):
+        del argv
+        if not (encoders["audio_encoder"].value or encoders["text_encoder"].value):
+            sys.exit("moee features: give --audio_encoder and/or --text_encoder")
+        _build_features(encoders, data_dir.value, dataset.value, splits.value, "features")
 
     return main
 
@@ -181,6 +241,9 @@ def _animate() -> None:
     emotion_from_audio = flags.DEFINE_bool("emotion_from_audio", False, "Take the emotion from the speech itself (label dropped).")
     emotion_video = flags.DEFINE_string("emotion_video", None, "Reference clip of the emotion (DICE-Talk embedder models).")
     text_encoder = flags.DEFINE_string("text_encoder", None, "T5 encoder folder (transformers layout) for --emotion_text.")
+    audio_encoder = flags.DEFINE_string(
+        "audio_encoder", None, "wav2vec2 folder of a model trained on a feature cache (default: the one recorded in the run)."
+    )
     steps = flags.DEFINE_integer("steps", None, "Sampler steps (default: the config's).")
     sampler = flags.DEFINE_enum("sampler", None, ["ddim", "dpmpp_2m"], "Sampler (default: the config's).")
     seed = flags.DEFINE_integer("seed", 0, "Noise seed.")
@@ -218,7 +281,7 @@ def _animate() -> None:
                 clash = [name for name, value in single.items() if value is not None]
                 if clash:
                     raise InputError(f"--batch takes every input from the manifest; drop {', '.join(clash)}")
-                animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value)
+                animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value, audio_encoder=audio_encoder.value)
                 result = animate_batch(
                     animator, batch.value, report=report.value, paste=paste_back.value,
                     on_row=lambda line, entry: print(f"line {line}: " + (f"wrote {entry['out']}" if "out" in entry else f"skipped: {entry['error']}")),
@@ -234,7 +297,7 @@ def _animate() -> None:
             spec = parse_emotion(emotion.value, emotion_text=emotion_text.value, emotion_from_audio=emotion_from_audio.value,
                                  emotion_video=emotion_video.value)  # fmt: skip
             check_outputs(out.value, frames_dir.value)
-            animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value)
+            animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value, audio_encoder=audio_encoder.value)
             with tqdm(unit="clip", desc="animate", file=sys.stderr) as bar:
 
                 def progress(done, total):
@@ -395,8 +458,8 @@ def _ladder() -> None:
     return main
 
 
-COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "animate": _animate, "eval": _eval,
-            "ablate": _ablate, "ladder": _ladder}  # fmt: skip
+COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "features": _features, "animate": _animate,
+            "eval": _eval, "ablate": _ablate, "ladder": _ladder}  # fmt: skip
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -180,9 +180,23 @@ def frame_windows(frame_features, radius: int = 2) -> np.ndarray:
     x = np.asarray(frame_features)
     if x.ndim < 1 or x.shape[0] == 0:
         raise ValueError(f"frame_features must be (F, ...) with F >= 1, got shape {x.shape}")
-    if radius < 0:
-        raise ValueError(f"radius must be >= 0, got {radius}")
-    idx = np.arange(x.shape[0])[:, None] + np.arange(-radius, radius + 1)[None, :]
+    return clip_windows(x, 0, x.shape[0], radius)
+
+
+def clip_windows(frame_features, start: int, num_frames: int, radius: int) -> np.ndarray:
+    """The windows of frames ``[start, start + num_frames)`` of a per-frame sequence, by
+    :func:`frame_windows`' rule: ``frame_features (T, ...)`` → ``(num_frames, 2·radius + 1, ...)``,
+    slot ``k`` of frame ``i`` is frame ``start + i + k − radius`` clamped into ``[0, T − 1]`` (the
+    first / last frame replicate past the ends). How a training sample and an animated clip cut
+    their audio windows out of a clip's cached or computed encoder features, so both see the same
+    windows (``clip_windows(x, 0, T, r) == frame_windows(x, r)``).
+    """
+    x = np.asarray(frame_features)
+    if x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"frame_features must be (T, ...) with T >= 1, got shape {x.shape}")
+    if radius < 0 or num_frames < 1:
+        raise ValueError(f"need radius >= 0 and num_frames >= 1, got {radius}, {num_frames}")
+    idx = start + np.arange(num_frames)[:, None] + np.arange(-radius, radius + 1)[None, :]
     return x[np.clip(idx, 0, x.shape[0] - 1)]
 
 

@@ -35,6 +35,16 @@ key                  shape / dtype                meaning
 ``text``             ``(L,)`` int32 + ``text_mask``  only with ``tokenizer`` set
 ===================  ===========================  ==================================================
 
+With ``features`` (a feature cache folder, :mod:`moee_jax.data.feature_cache`) a sample also has
+the cached encoder features of its window; log-mel stays as it is (``mel_bins``), and without a
+cache nothing changes::
+
+    audio_features    (F, 2c+1, layers+1, D) float32   wav2vec2 windows: slot k of frame i is the clip's
+                                                       frame s + i − c + k, clamped into the clip (its
+                                                       edge frames replicate)
+    speech_features   (F, D) float32 + speech_mask     the last layer at the target frames
+    text_features     (L, D_t) float32 + text_mask     T5 features of the clip's text
+
 Reference frame — the model must need its conditions
     A clip holds one expression in every frame, so a reference or motion frame from the target's own
     clip already shows the emotion, and a model trained on such samples ignores its emotion
@@ -99,6 +109,7 @@ import numpy as np
 from moee_jax.data import masks as masks_lib
 from moee_jax.data import schema
 from moee_jax.data.audio import audio_window, frame_log_mel
+from moee_jax.data.feature_cache import FeatureCache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,6 +142,7 @@ class PipelineConfig:
     worker_count: int = 0  # grain worker processes (0: in the main process)
     worker_buffer_size: int = 2
     text_length: int = 32
+    features: str = ""  # feature cache folder (moee features); "" = none: log-mel audio only
 
     @classmethod
     def from_config(cls, config, num_processes: int = 1) -> PipelineConfig:
@@ -251,8 +263,11 @@ class MakeSample(grain.transforms.RandomMap):
         cfg: PipelineConfig,
         key_range: tuple[int, int],
         tokenizer: Callable[[str], Sequence[int]] | None = None,
+        features: FeatureCache | None = None,
     ):
-        self.source, self.cfg, self.tokenizer = source, cfg, tokenizer
+        self.source, self.cfg, self.tokenizer, self.features = source, cfg, tokenizer, features
+        if tokenizer is not None and features is not None and features.text_encoder is not None:
+            raise ValueError(f"text twice: a tokenizer and the text features of {features.path}; use one of them")
         lo, hi = key_range
         keys = np.arange(lo, hi)
         usable = np.asarray([_window_ok(int(index.num_frames[k]), cfg) for k in keys], bool)
@@ -424,6 +439,8 @@ class MakeSample(grain.transforms.RandomMap):
             ids[: len(tokens)] = tokens
             sample["text"] = ids
             sample["text_mask"] = (np.arange(cfg.text_length) < len(tokens)).astype(np.bool_)
+        if self.features is not None:
+            sample.update(self.features.clip(_text(record["id"]), s, f, cfg.audio_context_frames, n))
         return sample
 
 
@@ -498,7 +515,8 @@ def make_pipeline(
             flags.FLAGS.mark_as_parsed()
     index = clip_index(source, index_cache)
     key_range = shard_range(len(source), shard_options)
-    transform = MakeSample(source, index, config, key_range, tokenizer)
+    features = FeatureCache(config.features) if config.features else None
+    transform = MakeSample(source, index, config, key_range, tokenizer, features)
     sampler = grain.samplers.IndexSampler(
         num_records=len(source), shard_options=shard_options, shuffle=config.shuffle,
         num_epochs=config.num_epochs, seed=config.seed,

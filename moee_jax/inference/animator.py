@@ -7,8 +7,9 @@
     save_animation(result, "out.mp4")                     # moee_jax.inference.outputs
 
 Per video (:meth:`Animator.prepare`): the portrait is face-cropped (:mod:`.inputs`) and encoded
-once; the speech is cut into clips with training-identical audio features (:mod:`.long_audio`); the
-emotion becomes typed :class:`~moee_jax.models.conditioning.EmotionSources`. Per clip, one jitted
+once; the speech is cut into clips with training-identical audio features (:mod:`.long_audio`:
+log-mel, or for a model trained on a feature cache the same wav2vec2 windows, the encoders found by
+:mod:`.encoders`); the emotion becomes typed :class:`~moee_jax.models.conditioning.EmotionSources`. Per clip, one jitted
 function builds the clip's :class:`~moee_jax.models.system.ModelInputs`, runs the system's
 conditioning (ReferenceNet and the conditioning paths, once per clip), the guided sampler
 (:func:`moee_jax.inference.sampling.sample_clip`: every CFG branch in one U-Net call per step) and
@@ -26,8 +27,9 @@ Emotion conditions (:class:`~moee_jax.inference.inputs.EmotionSpec`), for Emotio
   variant ignore the gate.
 * ``text`` — T5 features of the description (``text_encoder`` folder) alone; the learned gate acts.
   Only for models with a ``text`` emotion source.
-* ``audio`` — speech only: the clip's speech features alone; the learned gate acts. Only for models
-  with a ``speech`` source.
+* ``audio`` — speech only: the clip's speech features alone (per-frame log-mel, or wav2vec2's last
+  layer for a model trained on a feature cache); the learned gate acts. Only for models with a
+  ``speech`` source.
 
 For embedder models (DICE-Talk), ``video`` encodes a reference clip (its face crops and audio) into
 one emotion for the whole video; ``audio`` uses the embedder's audio-only mode on each clip's speech.
@@ -52,11 +54,13 @@ from ml_collections import ConfigDict
 from moee_jax.checkpoint.run import RunCheckpoint, load_run_config, resolve_checkpoint, restore_final
 from moee_jax.data.audio import audio_window, frame_log_mel
 from moee_jax.data.face_crop import crop_frame
+from moee_jax.data.feature_cache import MANIFEST, read_run_manifest
 from moee_jax.diffusion import SAMPLERS, DDIMPlan, DPMSolverPlan, SamplerConfig, make_plan, make_schedule
 from moee_jax.emotions import NUM_EMOTIONS
 from moee_jax.inference import inputs as inputs_lib
+from moee_jax.inference.encoders import ModelEncoders, projection_inputs
 from moee_jax.inference.inputs import EmotionSpec, InputError, Portrait, Speech
-from moee_jax.inference.long_audio import ClipPlan, clip_audio_features, plan_clips, roll_clips
+from moee_jax.inference.long_audio import ClipPlan, clip_audio_features, clip_feature_windows, plan_clips, roll_clips
 from moee_jax.inference.sampling import CONDITION_ORDER, sample_clip
 from moee_jax.models.conditioning import EmotionSources
 from moee_jax.models.features import to_uint8
@@ -88,9 +92,11 @@ class Animation:
 class Job:
     """One video's checked inputs and per-video tensors (:meth:`Animator.prepare`).
 
-    mel (K, F + 2c, n_mels) per clip · emotion: the video's :class:`EmotionSources` (batch 1; the
-    per-clip speech is filled in per clip) · plan_arrays: the sampler's plan · scales: CFG scale per
-    condition · key: the noise seed · ref_latents (1, h, w, C) · face_features (1, F, h, w, C0).
+    mel (K, F + 2c, n_mels) per clip (None for a model that takes encoder features) · emotion: the
+    video's :class:`EmotionSources` (batch 1; the per-clip speech is filled in per clip) ·
+    plan_arrays: the sampler's plan · scales: CFG scale per condition · key: the noise seed ·
+    ref_latents (1, h, w, C) · face_features (1, F, h, w, C0) · audio_features (K, F, 2c+1,
+    layers+1, D) per clip for a model trained on a feature cache, else None.
     """
 
     portrait: Portrait
@@ -105,6 +111,12 @@ class Job:
     face_features: jax.Array
     settings: dict
     warnings: list[str]
+    audio_features: np.ndarray | None = None
+
+    def clip_audio(self, k: int) -> np.ndarray:
+        """Clip ``k``'s audio input, batch 1: encoder windows ``(1, F, 2c+1, layers+1, D)`` when the
+        model takes them, else log-mel ``(1, F + 2c, n_mels)``."""
+        return (self.audio_features if self.audio_features is not None else self.mel)[k : k + 1]
 
 
 class Animator:
@@ -112,16 +124,22 @@ class Animator:
 
     ``config``: the run's resolved config; ``params``: the whole system's parameters (parts
     :data:`REQUIRED_PARTS`); ``text_encoder``: a T5 folder for ``--emotion_text`` (models with a text
-    emotion source only).
+    emotion source only); ``audio_encoder``: the wav2vec2 folder of a model trained on a feature cache;
+    ``features``: the ``features.json`` the model was trained with (read from ``features_path``; see
+    :mod:`.encoders`, which also says where encoders not given are looked for).
     """
 
-    def __init__(self, config: ConfigDict, params: dict, *, source: str = "", text_encoder: str | os.PathLike | None = None):
+    def __init__(self, config: ConfigDict, params: dict, *, source: str = "", text_encoder: str | os.PathLike | None = None,
+                 audio_encoder: str | os.PathLike | None = None, features: dict | None = None, features_path: str = ""):  # fmt: skip
         missing = [p for p in REQUIRED_PARTS if p not in params]
         if missing:
             raise InputError(f"--checkpoint {source}: parameters of {missing} are missing (it holds {sorted(params)})")
         self.config, self.params, self.source = config, params, source
-        self.text_encoder_path = text_encoder
+        self.encoders = ModelEncoders.of_model(config, features, features_path, audio_encoder=audio_encoder,
+                                               text_encoder=text_encoder, source=source)  # fmt: skip
+        self.text_encoder_path = self.encoders.text_folder
         self._text_encoder = None
+        self._audio_encoder = None
         self.checkpoint: RunCheckpoint | None = None
         self.system = MoEESystem(config)
         self.emotion = self.system.emotion
@@ -137,20 +155,28 @@ class Animator:
         self.context_frames = self.system.audio_context
         self.mel_bins = int(data.mel_bins)
         self.downsample = self.system.downsample
-        self.text_length = int(data.get("text_length", TEXT_LENGTH))
-        if self.mel_bins < 1:
+        self.text_length = int(self.encoders.text_length or data.get("text_length", TEXT_LENGTH))
+        if self.encoders.audio is None and self.mel_bins < 1:
             raise InputError(f"--checkpoint {source}: config.data.mel_bins={self.mel_bins}; the model has no audio features to drive it")
+        if self.encoders.audio is not None and self.emotion.uses_embedder:
+            raise InputError(
+                f"--checkpoint {source}: an emotion-embedder model trained on wav2vec2 audio features cannot be animated yet "
+                "(its embedder takes log-mel, its audio projection wav2vec2 windows)"
+            )
         self._prepare = jax.jit(self._prepare_fn)
         # Guidance scales are static: a branch a scale gives no weight is then left out of the batch.
         self._clip_step = jax.jit(self._clip_step_fn, static_argnames=("scales",))
 
     @classmethod
-    def from_run(cls, run_dir: str | os.PathLike, *, text_encoder: str | os.PathLike | None = None) -> Animator:
-        """Load ``RUN/stage2/final`` and ``RUN/stage2/config.json`` (``run_dir`` may also be the stage
-        or ``final`` directory). Raises :class:`~moee_jax.checkpoint.run.RunError` for a missing,
-        unfinished or wrong-stage run."""
+    def from_run(cls, run_dir: str | os.PathLike, *, text_encoder: str | os.PathLike | None = None,
+                 audio_encoder: str | os.PathLike | None = None) -> Animator:  # fmt: skip
+        """Load ``RUN/stage2/final``, ``RUN/stage2/config.json`` and, for a model trained on a feature
+        cache, ``RUN/stage2/features.json`` (``run_dir`` may also be the stage or ``final`` directory).
+        Raises :class:`~moee_jax.checkpoint.run.RunError` for a missing, unfinished or wrong-stage run."""
         checkpoint = resolve_checkpoint(run_dir)
-        animator = cls(load_run_config(checkpoint), restore_final(checkpoint.final), source=str(run_dir), text_encoder=text_encoder)
+        features = read_run_manifest(checkpoint.config.parent)
+        animator = cls(load_run_config(checkpoint), restore_final(checkpoint.final), source=str(run_dir), text_encoder=text_encoder,
+                       audio_encoder=audio_encoder, features=features, features_path=str(checkpoint.config.parent / MANIFEST))  # fmt: skip
         animator.checkpoint = checkpoint
         return animator
 
@@ -224,6 +250,11 @@ class Animator:
         plan = plan_clips(speech.wave.size, self.fps, self.clip_frames, self.motion_frames, self.context_frames)
         sources = self.emotion_sources(emotion, detect=detect)
         sampling = self._sampling(steps, sampler, guidance)
+        mel = windows = None  # the clips' audio inputs, before anything is compiled (encoder checks fail fast)
+        if self.encoders.audio is None:
+            mel = clip_audio_features(speech.wave, plan, self.mel_bins)
+        else:
+            windows = clip_feature_windows(self._audio_features(speech.wave, plan.num_frames), plan)
         face_mask = inputs_lib.face_region_mask(self.size, self.downsample)
         face_mask = np.broadcast_to(face_mask, (1, self.clip_frames) + face_mask.shape)
         ref_latents, face_features = self._prepare(self.params, jnp.asarray(portrait.crop[None]), jnp.asarray(face_mask))
@@ -246,11 +277,12 @@ class Animator:
             "clip_frames": plan.clip_frames,
             "motion_frames": plan.motion_frames,
             "clips": plan.num_clips,
+            "audio_features": "log-mel" if self.encoders.audio is None else f"wav2vec2 {self.encoders.audio_folder}",
         }
         return Job(
-            portrait=portrait, speech=speech, plan=plan, mel=clip_audio_features(speech.wave, plan, self.mel_bins), emotion=sources,
+            portrait=portrait, speech=speech, plan=plan, mel=mel, emotion=sources,
             plan_arrays=sampling["plan"], scales=sampling["scales"], key=jax.random.key(seed), ref_latents=ref_latents,
-            face_features=face_features, settings=settings, warnings=[*portrait.warnings, *speech.warnings],
+            face_features=face_features, settings=settings, warnings=[*portrait.warnings, *speech.warnings], audio_features=windows,
         )  # fmt: skip
 
     def first_motion(self, job: Job) -> jax.Array | None:
@@ -262,7 +294,7 @@ class Animator:
         ``(1, F, h, w, C)`` (on device) and frames ``(F, S, S, 3)`` uint8. Clip ``k``'s noise is
         ``fold_in(key(seed), k)``, so a clip can be re-rendered with other motion frames."""
         latents, pixels = self._clip_step(
-            self.params, job.emotion, jnp.asarray(job.mel[k : k + 1]), job.ref_latents, job.face_features, motion,
+            self.params, job.emotion, jnp.asarray(job.clip_audio(k)), job.ref_latents, job.face_features, motion,
             job.key[None], jnp.int32(k), job.plan_arrays, scales=tuple(sorted(job.scales.items())),
         )  # fmt: skip
         return latents, np.asarray(pixels[0])
@@ -332,8 +364,8 @@ class Animator:
         frames: list[np.ndarray] = []
 
         def one_clip(k, motion):
-            mel = jnp.asarray(np.stack([j.mel[k] for j in jobs]))
-            latents, pixels = self._clip_step(self.params, emotion, mel, ref, faces, motion, keys, jnp.int32(k), first.plan_arrays,
+            audio = jnp.asarray(np.concatenate([j.clip_audio(k) for j in jobs]))
+            latents, pixels = self._clip_step(self.params, emotion, audio, ref, faces, motion, keys, jnp.int32(k), first.plan_arrays,
                                               scales=tuple(sorted(first.scales.items())))  # fmt: skip
             frames.append(np.asarray(pixels))
             return latents
@@ -367,6 +399,9 @@ class Animator:
         text = mask = None
         if keep_text:
             text, mask = self._encode_text(spec.text)
+        elif "text" in self.emotion.sources:  # dropped, as in training: present but masked out
+            text = np.zeros((1, self.text_length, self.emotion.text_dim), np.float32)
+            mask = np.zeros((1, self.text_length), bool)
         return EmotionSources(
             drop=np.array([[not keep_text, not keep_speech, not keep_label]]),
             # The label's weights set the MoE's global gate; without a label the learned gate acts.
@@ -376,19 +411,21 @@ class Animator:
 
     def _encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         if self._text_encoder is None:
-            from moee_jax.models.encoders.pretrained import load_t5_encoder
-
-            try:
-                self._text_encoder = load_t5_encoder(self.text_encoder_path)
-            except (FileNotFoundError, ValueError) as e:
-                raise InputError(f"--text_encoder {self.text_encoder_path}: {e}") from None
+            self._text_encoder = self.encoders.load_text(text_dim=self.emotion.text_dim)
         features, mask = self._text_encoder.encode([text], max_length=self.text_length)
-        if features.shape[-1] != self.emotion.text_dim:
-            raise InputError(
-                f"--text_encoder {self.text_encoder_path}: its features are {features.shape[-1]}-wide but the model's text "
-                f"branch takes {self.emotion.text_dim}; pass the T5 encoder the model was trained with"
-            )
         return features.astype(np.float32), mask
+
+    def _audio_features(self, wave: np.ndarray, num_frames: int) -> np.ndarray:
+        """The speech's per-frame wav2vec2 features ``(T, layers + 1, D)``, as the feature cache made
+        them for the training clips (:func:`~moee_jax.data.audio_features.audio_frame_features`)."""
+        from moee_jax.data.audio_features import audio_frame_features
+
+        if self._audio_encoder is None:
+            speech_dim = self.emotion.speech_dim if "speech" in self.emotion.sources else None
+            self._audio_encoder = self.encoders.load_audio(
+                window=2 * self.context_frames + 1, projection_inputs=projection_inputs(self.params), speech_dim=speech_dim
+            )
+        return audio_frame_features(wave, self._audio_encoder, fps=self.fps, num_frames=num_frames)
 
     def _reference_clip_inputs(self, path: pathlib.Path, detect: bool) -> dict[str, np.ndarray]:
         """The embedder's view of a reference clip: the middle ``F`` frames at the model's fps,
@@ -449,10 +486,11 @@ class Animator:
         and face-locator features ``(1, F, h, w, C0)``."""
         return self.system.encode_images(params, crop), self.system.face_features(params, face_mask)
 
-    def clip_emotion(self, emotion: EmotionSources, mel: jax.Array) -> EmotionSources:
-        """The videos' emotion sources on one clip: the clip's speech (per-frame log-mel of
-        ``mel (B, F + 2c, n)``) filled in where the model takes speech, then checked."""
-        per_frame = self.system.speech_features(mel)
+    def clip_emotion(self, emotion: EmotionSources, audio: jax.Array) -> EmotionSources:
+        """The videos' emotion sources on one clip: the clip's speech (per-frame log-mel of ``audio
+        (B, F + 2c, n)``, or the last layer of encoder windows ``(B, F, 2c+1, layers+1, D)``) filled in
+        where the model takes speech, then checked."""
+        per_frame = self.system.speech_features(audio)
         if self.uses_embedder:
             if emotion.expression_frames is None:
                 emotion = dataclasses.replace(emotion, embedder_audio=per_frame)
@@ -460,26 +498,27 @@ class Animator:
             emotion = dataclasses.replace(emotion, speech=per_frame)
         return EmotionSources.make(self.emotion, **{f.name: getattr(emotion, f.name) for f in dataclasses.fields(emotion)})
 
-    def clip_inputs(self, params, emotion: EmotionSources, mel, ref_latents, face_features, motion) -> ModelInputs:
+    def clip_inputs(self, params, emotion: EmotionSources, audio, ref_latents, face_features, motion) -> ModelInputs:
         """The :class:`ModelInputs` of one clip of ``B`` videos (traceable): its audio windows from
-        ``mel (B, F + 2c, n)`` and :meth:`clip_emotion`."""
+        ``audio`` (log-mel ``(B, F + 2c, n)`` or encoder windows, :meth:`Job.clip_audio`) and
+        :meth:`clip_emotion`."""
         b = ref_latents.shape[0]
         return ModelInputs(
             ref_latents=ref_latents, context=self.system.context_tokens(params, b), reference_keep=jnp.ones((b,), bool),
-            emotion=self.clip_emotion(emotion, mel), audio_windows=self.system.audio_windows(mel), motion_latents=motion,
+            emotion=self.clip_emotion(emotion, audio), audio_windows=self.system.audio_windows(audio), motion_latents=motion,
             face_features=face_features,
         )  # fmt: skip
 
-    def clip_conditions(self, params, emotion: EmotionSources, mel, ref_latents, face_features, motion) -> Conditions:
-        """Everything clip ``mel`` is conditioned on, guidance's dropped alternatives included."""
-        inputs = self.clip_inputs(params, emotion, mel, ref_latents, face_features, motion)
+    def clip_conditions(self, params, emotion: EmotionSources, audio, ref_latents, face_features, motion) -> Conditions:
+        """Everything the clip of ``audio`` is conditioned on, guidance's dropped alternatives included."""
+        inputs = self.clip_inputs(params, emotion, audio, ref_latents, face_features, motion)
         return self.system.conditions(params, inputs, with_nulls=True)
 
-    def _clip_step_fn(self, params, emotion, mel, ref_latents, face_features, motion, keys, k, plan, scales: tuple):
+    def _clip_step_fn(self, params, emotion, audio, ref_latents, face_features, motion, keys, k, plan, scales: tuple):
         """Clip ``k`` of ``B`` videos at once: conditions → guided sampling → decoding. ``keys (B,)``:
         each video's own noise key, so a video's noise does not depend on what it is batched with.
         → latents ``(B, F, h, w, C)`` and frames ``(B, F, S, S, 3)`` uint8."""
-        cond = self.clip_conditions(params, emotion, mel, ref_latents, face_features, motion)
+        cond = self.clip_conditions(params, emotion, audio, ref_latents, face_features, motion)
         split = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k)))(keys)  # (B, 2) keys
         shape = (self.clip_frames,) + ref_latents.shape[1:]
         x_T = jax.vmap(lambda r: jax.random.normal(r, shape, jnp.float32))(split[:, 0]).astype(ref_latents.dtype)

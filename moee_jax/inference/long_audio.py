@@ -16,7 +16,11 @@ Audio features are made exactly as the training pipeline made them
 = ``audio_context_frames``) — taken from the neighbouring audio, with zeros only before the start
 and after the end of the recording, as training windows were zero only outside their record —
 turned into per-frame log-mel energies by :func:`moee_jax.data.audio.frame_log_mel`:
-``(F + 2c, n_mels)`` per clip.
+``(F + 2c, n_mels)`` per clip. A model trained on a feature cache (:mod:`moee_jax.data.feature_cache`)
+takes encoder windows instead: the whole speech's per-frame encoder features ``(T, layers + 1, D)``
+are cut per clip by the rule training samples were cut by (:func:`moee_jax.data.audio.clip_windows`:
+frames past the ends of the speech replicate its first / last frame) → ``(F, 2c + 1, layers + 1, D)``
+per clip.
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from moee_jax.data.audio import SAMPLE_RATE, audio_window, frame_log_mel, num_video_frames
+from moee_jax.data.audio import SAMPLE_RATE, audio_window, clip_windows, frame_log_mel, num_video_frames
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,6 +85,17 @@ def clip_audio_features(audio: np.ndarray, plan: ClipPlan, mel_bins: int) -> np.
     f, c = plan.clip_frames, plan.context_frames
     windows = (audio_window(audio, plan.fps, plan.clip_start(k) - c, f + 2 * c) for k in range(plan.num_clips))
     return np.stack([frame_log_mel(w, plan.fps, mel_bins) for w in windows])
+
+
+def clip_feature_windows(frame_features: np.ndarray, plan: ClipPlan) -> np.ndarray:
+    """Per-clip encoder windows ``(num_clips, F, 2c + 1, layers + 1, D)`` of the speech's per-frame
+    features ``(T, layers + 1, D)`` (``T = plan.num_frames``; see the module docstring): clip ``k``
+    is what a training sample of frames ``[kF, kF + F)`` takes from a cached clip."""
+    features = np.asarray(frame_features)
+    if features.shape[0] != plan.num_frames:
+        raise ValueError(f"{features.shape[0]} frames of audio features for a plan of {plan.num_frames} frames")
+    f, c = plan.clip_frames, plan.context_frames
+    return np.stack([clip_windows(features, plan.clip_start(k), f, c) for k in range(plan.num_clips)])
 
 
 def roll_clips(

@@ -175,13 +175,21 @@ class MoEESystem:
     def context_tokens(self, params: dict, batch: int) -> jax.Array:
         return self.context.apply({"params": params["context"]}, batch)
 
-    def audio_windows(self, mel: jax.Array) -> jax.Array:
-        """Per-frame log-mel of a clip and its context ``(B, F + 2c, n)`` → windows ``(B, F, 2c+1, 1, n)``."""
-        return mel_windows(mel, self.clip_frames, self.audio_context)
+    def audio_windows(self, audio: jax.Array) -> jax.Array:
+        """A clip's audio input → per-frame windows: per-frame log-mel of the clip and its context
+        ``(B, F + 2c, n)`` → ``(B, F, 2c+1, 1, n)``; encoder windows ``(B, F, 2c+1, layers+1, D)``
+        (the pipeline's ``audio_features`` from a feature cache) are windows already."""
+        if audio.ndim == 5:
+            return audio
+        return mel_windows(audio, self.clip_frames, self.audio_context)
 
-    def speech_features(self, mel: jax.Array) -> jax.Array:
-        """The speech emotion source of a clip: the per-frame log-mel of its frames ``(B, F, n)``."""
-        return frame_mel(mel, self.clip_frames, self.audio_context)
+    def speech_features(self, audio: jax.Array) -> jax.Array:
+        """The speech emotion source of a clip ``(B, F, n)``: the per-frame log-mel of its frames, or
+        for encoder windows ``(B, F, 2c+1, layers+1, D)`` each frame's own last-layer state (the
+        window centre): what the pipeline's ``speech_features`` of a feature cache are."""
+        if audio.ndim == 5:
+            return audio[:, :, self.audio_context, -1]
+        return frame_mel(audio, self.clip_frames, self.audio_context)
 
     # ---- the training batch ---------------------------------------------------------------------------
 
@@ -193,7 +201,8 @@ class MoEESystem:
         frames = to_unit(batch["frames"])
         latents = self.encode_images(params, batch["frames"])
         b = frames.shape[0]
-        windows = self.audio_windows(batch["mel"])
+        # Cached encoder windows (data.features) when the batch has them, else the log-mel.
+        windows = self.audio_windows(batch["audio_features"] if "audio_features" in batch else batch["mel"])
         keep_audio = ~batch["drop_audio"] if drop else jnp.ones((b,), bool)
         inputs = ModelInputs(
             ref_latents=self.encode_images(params, batch["reference"]),
@@ -217,10 +226,14 @@ class MoEESystem:
                 mouth_mask=upsample(batch["mouth_mask"], self.downsample),
             )  # fmt: skip
         flags = batch["emotion_drop"] if drop else jnp.broadcast_to(jnp.array(LABEL_ONLY), (b, 3))
+        if "speech_features" in batch:  # a feature cache's (wav2vec2), else the log-mel's
+            speech = batch["speech_features"]
+        else:
+            speech = self.speech_features(batch["mel"]) if "mel" in batch else None
         return EmotionSources.make(
             self.emotion, drop=flags, palette=batch["palette"], palette_keep=~flags[:, 2], label=batch["palette"],
             text=batch.get("text_features"), text_mask=batch.get("text_mask"),
-            speech=batch.get("speech_features", self.speech_features(batch["mel"])), speech_mask=batch.get("speech_mask"),
+            speech=speech, speech_mask=batch.get("speech_mask"),
         )  # fmt: skip
 
     # ---- conditioning and denoising -------------------------------------------------------------------
