@@ -266,7 +266,8 @@ def test_label_tokens_are_the_conditioning_of_a_training_sample(latents, animato
 def test_gates_are_a_softmax_over_experts_and_sigmoid_maps_at_each_layers_resolution(latents):
     n = len(latents)
     assert latents.global_gates.shape == (n, len(latents.layers), 6)
-    np.testing.assert_allclose(latents.global_gates.sum(-1), 1.0, rtol=1e-5)
+    # A softmax over the six experts and "no expert" (neutral): the experts' shares sum to at most 1.
+    assert (latents.global_gates >= 0).all() and (latents.global_gates.sum(-1) <= 1.0 + 1e-5).all()
     # The tiny U-Net: 16² latents at level 0 (down and up blocks), 8² in the middle block.
     sizes = {layer: latents.local_gates[layer].shape[1:3] for layer in latents.layers}
     assert sizes["mid_block/attentions_0/transformer_blocks_0"] == (8, 8)
@@ -353,8 +354,8 @@ def test_palette_interpolation_is_the_mixed_palette_with_one_emotion_palettes_at
 
 def test_latent_interpolation_refuses_a_palette_at_one_end_only(animator, face_and_speech):
     face, speech = face_and_speech
-    with pytest.raises(ValueError, match="palette"):
-        interpolation.interpolate(animator, face, speech, parse_emotion("happy"), parse_emotion("happy:0.5,sad:0.5"), alphas=2, steps=STEPS)
+    with pytest.raises(ValueError, match="gate at one end only"):  # a label sets the gate, speech alone does not
+        interpolation.interpolate(animator, face, speech, parse_emotion("happy"), EmotionSpec("audio"), alphas=2, steps=STEPS)
     with pytest.raises(ValueError, match="label or palette"):
         interpolation.interpolate(animator, face, speech, parse_emotion("happy"), EmotionSpec("audio"), alphas=2, mode="palette")
 
@@ -477,9 +478,11 @@ def test_cli_writes_the_clustering_table_and_figures(run_dir, animator, tmp_path
     assert all((out / f"{name}.png").stat().st_size > 1000 for name in report.FIGURE_NAMES)
     summary = json.loads((out / "analysis.json").read_text())
     assert summary["windows"] == 16 and loaded == [str(run_dir)]
-    assert all(sum(row.values()) == pytest.approx(1.0, rel=1e-5) for row in summary["global_gates"].values())
+    # The gate is a softmax over the six experts and "no expert": the experts' shares sum to at most 1.
+    assert all(0.0 < sum(row.values()) <= 1.0 + 1e-5 for row in summary["global_gates"].values())
 
 
+@pytest.mark.slow  # runs the whole notebook in a fresh kernel (~2 CPU minutes); the CLI test covers the same report
 def test_notebook_executes_end_to_end_and_holds_the_figures_and_the_clustering_table(run_dir, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -376,7 +376,7 @@ class Animator:
 
     def _encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
         if self._text_encoder is None:
-            from moee_jax.models.encoders.pretrained import load_t5_encoder
+            from moee_jax.checkpoint.pretrained import load_t5_encoder
 
             try:
                 self._text_encoder = load_t5_encoder(self.text_encoder_path)

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from moee_jax.checkpoint import run as run_lib
@@ -86,8 +87,8 @@ class Trainer:
         if config.stage not in run_lib.STAGES:
             raise TrainingError(f"config.stage={config.stage!r}; choose one of {run_lib.STAGES}")
         self.config = config
-        self.run = run_lib.RunDir.of(run_dir)
-        self.run_dir, self.dir = self.run.root, self.run.stage(config.stage)
+        self.layout = run_lib.RunDir.of(run_dir)
+        self.run_dir, self.dir = self.layout.root, self.layout.stage(config.stage)
         self.stage: Stage = make_stage(config)
         self.rules = rules_from_config(config)
         self.mesh = make_mesh(tuple(config.mesh.shape))
@@ -154,7 +155,7 @@ class Trainer:
                 jax.random.key(int(self.config.seed)), one
             )
         named = list(self.config.train.get("init_from") or [])
-        sources = named or [str(p) for p in self.run.earlier_finals(self.config.stage)]
+        sources = named or [str(p) for p in self.layout.earlier_finals(self.config.stage)]
         shardings = merge_params(self.state_shardings.trainable, self.state_shardings.frozen)
         try:
             params, self.initialised_from = run_lib.fill_from_earlier_stages(
@@ -226,9 +227,11 @@ class Trainer:
             iterator = iter(self.pipeline())
             batches = [next(iterator) for _ in range(int(self.config.train.get("finalize_batches", 8)))]
             new = self.stage.finalize(jax.device_get(params), batches)
+            if jax.process_count() > 1:  # one measurement for every process: process 0's, on its shard's batches
+                new = multihost_utils.broadcast_one_to_all(new)
             params = jax.tree_util.tree_map(lambda value, old: jax.device_put(np.asarray(value, old.dtype), old.sharding), new, params)
         meta = {"stage": self.config.stage, "parts": sorted(params), "step": int(state.step), "config": self.config.get("variant", "")}
-        return run_lib.export_final(self.run.final(self.config.stage), params, meta)
+        return run_lib.export_final(self.layout.final(self.config.stage), params, meta)
 
     # -- the loop -----------------------------------------------------------------------------------------
     def run(self, *, max_steps: int | None = None) -> TrainResult:
@@ -236,15 +239,15 @@ class Trainer:
         cfg, t = self.config, self.config.train
         self.dir.mkdir(parents=True, exist_ok=True)
         if jax.process_index() == 0:
-            self.run.config(cfg.stage).write_text(cfg.to_json_best_effort(indent=2))
+            self.layout.config(cfg.stage).write_text(cfg.to_json_best_effort(indent=2))
         total = int(t.steps)
         c = cfg.checkpoint
-        manager = run_lib.stage_manager(self.run, cfg.stage, every_steps=int(c.every_steps), keep=int(c.keep),
+        manager = run_lib.stage_manager(self.layout, cfg.stage, every_steps=int(c.every_steps), keep=int(c.keep),
                                         async_save=bool(c.get("async_save", True)))  # fmt: skip
         config_json = json.loads(cfg.to_json_best_effort())
         pipeline = self.pipeline()
         iterator = iter(pipeline)
-        shards = self.run.data_shards(cfg.stage)
+        shards = self.layout.data_shards(cfg.stage)
         shards.mkdir(exist_ok=True)
         (shards / f"process_{jax.process_index()}.json").write_text(json.dumps({
             "process": jax.process_index(), "record_keys": list(pipeline.key_range), "usable_clips": pipeline.num_usable,
@@ -252,7 +255,7 @@ class Trainer:
         latest = manager.latest_step()
         if latest is not None:
             state = run_lib.restore_state(manager, latest, self.abstract_state, iterator)
-            log.info("resumed %s at step %d from %s", cfg.stage, latest, self.run.checkpoints(cfg.stage))
+            log.info("resumed %s at step %d from %s", cfg.stage, latest, self.layout.checkpoints(cfg.stage))
         else:
             state = self.init_state()
         self.state = state
@@ -267,16 +270,16 @@ class Trainer:
         if _main_thread():
             for s in previous:
                 signal.signal(s, on_signal)
-        writer = metrics_lib.MetricsWriter(str(self.run.tensorboard(cfg.stage)), enabled=jax.process_index() == 0,
+        writer = metrics_lib.MetricsWriter(str(self.layout.tensorboard(cfg.stage)), enabled=jax.process_index() == 0,
                                            purge_step=start if start else None)  # fmt: skip
         progress = metrics_lib.ProgressLine(total)
-        jsonl = self.run.metrics(cfg.stage).open("a") if jax.process_index() == 0 else None
+        jsonl = self.layout.metrics(cfg.stage).open("a") if jax.process_index() == 0 else None
         losses: dict[int, float] = {}
         log_every, patience, examples = int(t.log_every), int(t.nan_patience), int(t.batch_size)
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], cfg.dtype)
         try:
             if start >= stop_at:
-                if start == total and not (self.run.final(cfg.stage) / "params").exists():
+                if start == total and not (self.layout.final(cfg.stage) / "params").exists():
                     self.export_final(state)  # a stage with nothing to train (steps = 0) still exports
                 return TrainResult(cfg.stage, 0, start, losses, str(self.run_dir), False, int(state.skipped))
             t_last, steps_since, step = time.perf_counter(), 0, start
@@ -309,7 +312,7 @@ class Trainer:
                         manager.wait_until_finished()
                         raise TrainingError(
                             f"{cfg.stage}: {bad} non-finite steps in a row at step {step} (updates skipped; last "
-                            f"finite checkpoint in {self.run.checkpoints(cfg.stage)}). Lower train.learning_rate, raise "
+                            f"finite checkpoint in {self.layout.checkpoints(cfg.stage)}). Lower train.learning_rate, raise "
                             "train.warmup_steps or check the data."
                         )
                 run_lib.save_state(manager, step, state, iterator, config_json)
