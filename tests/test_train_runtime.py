@@ -78,6 +78,7 @@ def _losses(run_dir, stage="vae") -> dict[int, float]:
     return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
 
 
+@pytest.mark.slow  # several training subprocesses (2–4 CPU minutes)
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses_step_for_step(synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
     common = ("--config.train.steps=12", "--config.checkpoint.every_steps=4")
@@ -127,6 +128,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # several training subprocesses (2–4 CPU minutes)
 def test_two_processes_train_save_and_resume_on_disjoint_shards(synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
 

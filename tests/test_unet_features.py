@@ -157,6 +157,7 @@ def test_xla_attention_is_softmax_attention_and_respects_the_mask():
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.slow  # compiles the U-Net's gradient twice per policy
 def test_rematerialised_unet_has_the_same_output_and_gradients(unet, params, inputs, policy):
     remat = VideoUNet(unet.config.replace(remat=policy))
 
