@@ -135,6 +135,7 @@ def test_within_speaker_strength_ignores_offsets_between_identities():
     assert min(within.values()) > 5 * max(pooled.values())
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_clustering_table_and_markdown_have_the_table_5_layout(latents):
     table = clustering.clustering_table(latents)
     assert list(table) == ["audio", "video", "both"]
@@ -155,6 +156,7 @@ def test_clustering_table_and_markdown_have_the_table_5_layout(latents):
 # ---- extraction -----------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_extraction_has_a_row_per_window_with_the_records_metadata(latents, synthetic_tfds):
     from moee_jax.data.pipeline import open_source
 
@@ -212,6 +214,7 @@ def test_video_emotion_sources_are_the_clips_own_masked_frames_and_speech(animat
         extract.clip_emotion_sources(animator, sample, "text")
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_selecting_rows_keeps_every_per_row_array_aligned(latents):
     picked = latents.select(latents.emotion == "happiness")
     assert len(picked) == int((latents.emotion == "happiness").sum()) > 0 and set(picked.emotion.tolist()) == {"happiness"}
@@ -223,6 +226,7 @@ def test_selecting_rows_keeps_every_per_row_array_aligned(latents):
     np.testing.assert_array_equal(picked.frames, latents.frames[rows])
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_embedder_priors_are_the_embedder_stage_on_training_inputs(latents, run_dir, synthetic_tfds):
     """Row 0 recomputed the way the embedder stage computes it from a pipeline batch, per mode; the
     video-only prior has σ² = 0 (absent audio is zeroed audio: uniform queries), so σ = √eps."""
@@ -244,6 +248,7 @@ def test_embedder_priors_are_the_embedder_stage_on_training_inputs(latents, run_
     assert not np.allclose(latents.mu["both"], latents.mu["video"]) and not np.allclose(latents.mu["both"], latents.mu["audio"])
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_label_tokens_are_the_conditioning_of_a_training_sample(latents, animator, run_dir, synthetic_tfds):
     """Emotion-to-Latents over the clip's palette alone, as training's label mode conditions it;
     speech-only tokens are those of the speech with the label dropped."""
@@ -263,10 +268,12 @@ def test_label_tokens_are_the_conditioning_of_a_training_sample(latents, animato
     assert not np.allclose(latents.tokens["label"], latents.tokens["audio"])
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_gates_are_a_softmax_over_experts_and_sigmoid_maps_at_each_layers_resolution(latents):
     n = len(latents)
     assert latents.global_gates.shape == (n, len(latents.layers), 6)
-    np.testing.assert_allclose(latents.global_gates.sum(-1), 1.0, rtol=1e-5)
+    # A softmax over the six experts and "no expert" (neutral): the experts' shares sum to at most 1.
+    assert (latents.global_gates >= 0).all() and (latents.global_gates.sum(-1) <= 1.0 + 1e-5).all()
     # The tiny U-Net: 16² latents at level 0 (down and up blocks), 8² in the middle block.
     sizes = {layer: latents.local_gates[layer].shape[1:3] for layer in latents.layers}
     assert sizes["mid_block/attentions_0/transformer_blocks_0"] == (8, 8)
@@ -353,8 +360,8 @@ def test_palette_interpolation_is_the_mixed_palette_with_one_emotion_palettes_at
 
 def test_latent_interpolation_refuses_a_palette_at_one_end_only(animator, face_and_speech):
     face, speech = face_and_speech
-    with pytest.raises(ValueError, match="palette"):
-        interpolation.interpolate(animator, face, speech, parse_emotion("happy"), parse_emotion("happy:0.5,sad:0.5"), alphas=2, steps=STEPS)
+    with pytest.raises(ValueError, match="gate at one end only"):  # a label sets the gate, speech alone does not
+        interpolation.interpolate(animator, face, speech, parse_emotion("happy"), EmotionSpec("audio"), alphas=2, steps=STEPS)
     with pytest.raises(ValueError, match="label or palette"):
         interpolation.interpolate(animator, face, speech, parse_emotion("happy"), EmotionSpec("audio"), alphas=2, mode="palette")
 
@@ -399,6 +406,7 @@ def plt():
     plt.close("all")
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_projection_figure_draws_each_emotion_and_the_compounds(latents, plt):
     fig = figures.projection(projection.pca(latents.mu["both"]), latents)
     labels = [c.get_label() for c in fig.axes[0].collections]
@@ -423,6 +431,7 @@ def test_table_and_gate_figures_show_their_numbers(plt, tmp_path):
     np.testing.assert_allclose(curves.axes[1].lines[0].get_ydata(), [0.7, 0.9, 1.0])
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_gate_overlay_and_strip_figures_hold_the_overlays_and_the_strip(latents, plt):
     fig = figures.gate_overlays(latents, emotions=["happiness", "sadness"])
     assert len(fig.axes) == 2 * 7  # rows: emotions; columns: the face, then the six experts
@@ -453,6 +462,7 @@ def test_report_json_is_strict_json_with_undefined_and_infinite_strengths_spelt_
     assert json.loads(text) == {"a": {"x": None, "y": "inf", "z": 1.5, "n": 3}}
 
 
+@pytest.mark.slow  # the whole split's latent extraction (~5 CPU minutes, shared); the CLI test extracts 8 clips
 def test_clustering_report_holds_the_embedder_table_then_the_pooled_and_token_tables(latents):
     tables = report.clustering_tables(latents)
     md = report.clustering_report(tables, split="test", rows=len(latents))
@@ -477,9 +487,11 @@ def test_cli_writes_the_clustering_table_and_figures(run_dir, animator, tmp_path
     assert all((out / f"{name}.png").stat().st_size > 1000 for name in report.FIGURE_NAMES)
     summary = json.loads((out / "analysis.json").read_text())
     assert summary["windows"] == 16 and loaded == [str(run_dir)]
-    assert all(sum(row.values()) == pytest.approx(1.0, rel=1e-5) for row in summary["global_gates"].values())
+    # The gate is a softmax over the six experts and "no expert": the experts' shares sum to at most 1.
+    assert all(0.0 < sum(row.values()) <= 1.0 + 1e-5 for row in summary["global_gates"].values())
 
 
+@pytest.mark.slow  # runs the whole notebook in a fresh kernel (~2 CPU minutes); the CLI test covers the same report
 def test_notebook_executes_end_to_end_and_holds_the_figures_and_the_clustering_table(run_dir, tmp_path, monkeypatch):
     nbformat = pytest.importorskip("nbformat")
     nbclient = pytest.importorskip("nbclient")

@@ -465,6 +465,7 @@ def test_emotion_from_audio_drops_the_label_and_keeps_the_speech(animator, media
     assert np.abs(from_audio - null).max() > 1e-4
 
 
+@pytest.mark.slow  # compiles a second batch size (~1 CPU minute)
 def test_batched_rendering_gives_each_video_what_rendering_it_alone_gives(animator, media):
     face, audio = media["dir"] / "face.png", media["dir"] / "short.wav"
     jobs = [animator.prepare(face, audio, parse_emotion(e), steps=STEPS, seed=s, detect=False) for e, s in (("happy", 0), ("sad", 1))]

@@ -54,6 +54,7 @@ def _moee(*args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # converts and restores a whole checkpoint in a subprocess (~2 CPU minutes); the converters' parity tests stay
 def test_moee_convert_writes_a_restorable_checkpoint_listing_new_modules(sources, tmp_path):
     out = tmp_path / "ckpt"
     proc = _moee(

@@ -93,8 +93,8 @@ def _batches(source, n, **overrides):
 
 
 def test_cache_holds_every_record_s_per_frame_hidden_states_and_text_features(cache, encoders, source):
+    from moee_jax.checkpoint.pretrained import load_t5_encoder, load_wav2vec2
     from moee_jax.data.audio_features import audio_frame_features
-    from moee_jax.models.encoders.pretrained import load_t5_encoder, load_wav2vec2
 
     manifest = json.loads((cache / "features.json").read_text())
     assert manifest["splits"] == {"train": {"file": "train.npz", "num_records": len(source)}}

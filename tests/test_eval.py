@@ -43,12 +43,14 @@ def _clip_labels(data):
 # ---- the reader ------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_identity_seeds_are_disjoint_from_held_out_identities(reader):
     low, high = reader.info["identity_seeds"]
     assert low > max(HELD_OUT_IDENTITIES)
     assert list(R.TRAIN_IDENTITY_SEEDS)[0] == low
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_classifies_held_out_identities(held_out, held_out_read):
     result = M.emotion_accuracy(_per_clip(held_out, held_out_read["probs"]), _clip_labels(held_out))
     assert result["accuracy"] >= 0.95, result
@@ -56,12 +58,14 @@ def test_reader_classifies_held_out_identities(held_out, held_out_read):
     assert frame_accuracy >= 0.85
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_mouth_opening_follows_the_drawn_jaw(held_out, held_out_read):
     r = np.corrcoef(held_out_read["mouth"], held_out["aus"][:, R.JAW])[0, 1]
     assert r >= 0.9, r
     np.testing.assert_array_equal(held_out_read["mouth"], held_out_read["aus"][:, R.JAW])
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_action_units_and_identity_are_close(held_out, held_out_read):
     assert M.au_error(held_out_read["aus"], held_out["aus"])["mae"] < 0.12
     identity = [
@@ -70,6 +74,7 @@ def test_reader_action_units_and_identity_are_close(held_out, held_out_read):
     assert np.mean([r["mae"] for r in identity]) < 0.08
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_output_shapes_and_ranges(reader, held_out):
     out = reader.predict(held_out["frames"][:5])
     assert out["aus"].shape == (5, synthetic.NUM_AUS)
@@ -80,6 +85,7 @@ def test_reader_output_shapes_and_ranges(reader, held_out):
     assert (out["aus"] >= 0).all() and (out["aus"] <= 1).all()
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_rejects_frames_of_another_size(reader):
     with pytest.raises(ValueError, match=r"\(N, 32, 32, 3\)"):
         reader.predict(np.zeros((2, 64, 64, 3), np.uint8))
@@ -87,6 +93,7 @@ def test_reader_rejects_frames_of_another_size(reader):
         reader.predict(np.zeros((2, 32, 32, 3), np.float32))
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_round_trips_through_a_file(reader, held_out, tmp_path):
     path = tmp_path / "reader.msgpack"
     R.save_reader(reader, path)
@@ -185,6 +192,7 @@ def test_compound_clip_shows_both_components_and_a_single_emotion_does_not():
     assert no["components"]["happiness"]["present"] and no["components"]["surprise"]["score"] == 0.0
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_judges_a_generated_compound_clip(reader):
     compound = synthetic.generate_clip(7, "happily_surprised", 0.9, seed=4, num_frames=20, size=SIZE)
     happy = synthetic.generate_clip(7, "happiness", 0.9, seed=4, num_frames=20, size=SIZE)
@@ -241,6 +249,7 @@ def test_lip_sync_refuses_audio_shorter_than_the_video():
         M.lip_sync(np.zeros(40), clip.audio, clip.fps)
 
 
+@pytest.mark.slow  # trains the reader (~4 CPU minutes); the demo measures the trained reader's ceiling
 def test_reader_mouth_is_in_sync_with_the_audio(reader):
     clip = synthetic.generate_clip(17, "happiness", 0.8, seed=8, num_frames=75, size=SIZE)
     result = M.lip_sync(reader.predict(clip.frames)["mouth"], clip.audio, clip.fps)

@@ -80,8 +80,9 @@ def test_each_ablation_changes_only_its_piece_and_starts_from_the_runs_stage1(sy
     assert base.data.noisy_p > 0  # the full method samples masked noisy emotions
     for v, c in configs.items():
         assert list(c.train.init_from) == [str(run_dir / "stage1" / "final")]
+        assert tuple(c.train.init_skip) == A.EMOTION_PARTS  # every variant learns its emotion parts afresh
         changed = {k for k, x in traverse_util.flatten_dict(c.to_dict()).items() if traverse_util.flatten_dict(base.to_dict()).get(k) != x}
-        expected = {("train", "init_from")} | {tuple(d.split(".")) for d in A.ABLATIONS[v][1]}
+        expected = {("train", "init_from"), ("train", "init_skip")} | {tuple(d.split(".")) for d in A.ABLATIONS[v][1]}
         assert changed <= expected, (v, changed)
     with pytest.raises(ValueError, match="unknown ablation"):
         A.variant_config(base, run_dir, "no_reference")

@@ -95,6 +95,7 @@ def test_a_feature_the_config_needs_is_named_when_missing(setup):
         system.encode(params, {k: v for k, v in batch.items() if k != "text_features"})
 
 
+@pytest.mark.slow  # ~3 CPU minutes of compilation; the U-Net's sharded forward is in test_sharding
 def test_sharded_full_model_equals_single_device(setup):
     if jax.device_count() < 8:
         pytest.skip("needs 8 (fake) devices")

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import soundfile as sf
 
+from moee_jax.checkpoint.pretrained import load_t5_encoder, load_wav2vec2
 from moee_jax.data.audio import AudioError
 from moee_jax.data.audio_features import audio_frame_windows
-from moee_jax.models.encoders.pretrained import load_t5_encoder, load_wav2vec2
 from tests.reference_models import randomize, rel_err
 
 # Strides multiply to 320: 50 positions per second, as in released wav2vec2 models.

@@ -87,6 +87,7 @@ def test_branches_drop_audio_and_emotion_to_what_training_dropped(model):
     assert bool(branches.emotion.palette_keep[0]) and not bool(branches.emotion.palette_keep[1])  # and no palette
 
 
+@pytest.mark.slow  # samples without jit (~1.5 CPU minutes)
 def test_unet_runs_once_per_sampler_step_for_every_branch(model, monkeypatch):
     """Executed eagerly (``disable_jit`` turns the sampler's scan into a Python loop), so the counts
     are real executions: all CFG branches in one U-Net call per step; ReferenceNet never inside."""

@@ -50,7 +50,7 @@ def test_restore_onto_a_different_mesh(synthetic_tfds, tmp_path):
     second = Trainer(c2, tmp_path)
     from moee_jax.checkpoint import run as run_lib
 
-    manager = run_lib.stage_manager(second.run, "vae", every_steps=3, keep=3)
+    manager = run_lib.stage_manager(second.layout, "vae", every_steps=3, keep=3)
     restored = run_lib.restore_state(manager, 3, second.abstract_state, iter(second.pipeline()))
     manager.close()
     for path, value in _leaves(restored.trainable).items():
@@ -69,7 +69,7 @@ def test_restore_onto_a_different_mesh(synthetic_tfds, tmp_path):
 def _moee_train(run_dir, data_dir, *extra, env=None, stage="vae"):
     args = [sys.executable, "-m", "moee_jax.cli", "train", f"--config={REPO}/configs/{stage}.py:tiny", f"--run_dir={run_dir}",
             f"--config.data.data_dir={data_dir}", "--config.train.log_every=1", "--config.checkpoint.async_save=False", *extra]  # fmt: skip
-    base = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    base = {**os.environ, "PYTHONPATH": str(REPO), "JAX_PLATFORMS": "cpu"}  # conftest's XLA_FLAGS: 8 devices
     return args, {**base, **(env or {})}
 
 
@@ -78,6 +78,7 @@ def _losses(run_dir, stage="vae") -> dict[int, float]:
     return {json.loads(line)["step"]: json.loads(line)["loss"] for line in lines}
 
 
+@pytest.mark.slow  # several training subprocesses (2–4 CPU minutes)
 def test_sigkill_then_resume_repeats_the_uninterrupted_losses_step_for_step(synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
     common = ("--config.train.steps=12", "--config.checkpoint.every_steps=4")
@@ -127,6 +128,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # several training subprocesses (2–4 CPU minutes)
 def test_two_processes_train_save_and_resume_on_disjoint_shards(synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
 
@@ -136,7 +138,7 @@ def test_two_processes_train_save_and_resume_on_disjoint_shards(synthetic_tfds, 
         for i in range(2):
             args, env = _moee_train(tmp_path, data_dir, f"--config.train.steps={steps}", "--config.checkpoint.every_steps=2", env={
                 "MOEE_COORDINATOR_ADDRESS": address, "MOEE_NUM_PROCESSES": "2", "MOEE_PROCESS_ID": str(i),
-                "XLA_FLAGS": "--xla_force_host_platform_device_count=2"})  # fmt: skip
+                "XLA_FLAGS": os.environ["XLA_FLAGS"].replace("device_count=8", "device_count=2")})  # fmt: skip
             procs.append(subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
         for proc in procs:
             out, _ = proc.communicate(timeout=600)
@@ -185,9 +187,13 @@ def _sharded_vs_single(stage, data_dir, tmp_path):
     for path, value in single_init.items():  # the same initial parameters, however sharded
         np.testing.assert_array_equal(mesh_init[path], value)
     assert abs(mesh_loss - single_loss) <= 1e-5 * abs(single_loss)
-    # Leaves that are analytically zero (e.g. attention key biases) hold only rounding noise: scale
-    # each leaf's error by its own size, but at least 1e-4 of the largest gradient anywhere.
+    # An attention key bias shifts every logit of a query equally, so softmax makes its gradient
+    # analytically zero: those leaves hold only rounding noise and are not compared. The others'
+    # error is scaled by their own size, but at least 1e-4 of the largest gradient anywhere.
     floor = 1e-4 * max(np.abs(v).max() for v in single_grads.values())
     for path, value in single_grads.items():
+        if path.endswith("to_k/bias"):
+            assert np.abs(value).max() <= floor and np.abs(mesh_grads[path]).max() <= floor, path
+            continue
         err = np.abs(mesh_grads[path] - value).max() / max(np.abs(value).max(), floor)
         assert err < 1e-5, (path, err)

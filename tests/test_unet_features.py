@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moee_jax.models.emotion_moe import EmotionCondition
 from moee_jax.models.face_locator import FaceLocator
 from moee_jax.models.init import init_unet_params
 from moee_jax.models.unet import VideoUNet
@@ -19,11 +20,13 @@ AUDIO_DIM, EMOTION_DIM = 8, 6
 
 
 class CrossAttentionSlot(nn.Module):
-    """A minimal emotion slot: residual cross-attention to the emotion tokens."""
+    """A minimal emotion slot: residual cross-attention to the condition's tokens (per clip, so
+    repeated over the clip's frame rows of ``x``)."""
 
     @nn.compact
-    def __call__(self, x, emotion):
-        return x + Attention(2, x.shape[-1] // 2)(x, emotion)
+    def __call__(self, x, emotion: EmotionCondition):
+        tokens = jnp.repeat(emotion.tokens, x.shape[0] // emotion.tokens.shape[0], axis=0)
+        return x + Attention(2, x.shape[-1] // 2)(x, tokens)
 
 
 @pytest.fixture(scope="module")
@@ -49,7 +52,7 @@ def inputs():
         "context": jnp.asarray(rng.standard_normal((B, 3, 16)), jnp.float32),
         "audio": jnp.asarray(rng.standard_normal((B, F, 5, AUDIO_DIM)), jnp.float32),
         "audio_mask": jnp.ones((B, F, H, W)),
-        "emotion": jnp.asarray(rng.standard_normal((B, 4, EMOTION_DIM)), jnp.float32),
+        "emotion": EmotionCondition(jnp.asarray(rng.standard_normal((B, 4, EMOTION_DIM)), jnp.float32)),
         "motion_frames": jnp.asarray(rng.standard_normal((B, M, H, W, 4)), jnp.float32),
     }
 
@@ -92,7 +95,7 @@ def test_zero_region_mask_removes_the_audio_effect(run, inputs):
 def test_emotion_slot_receives_the_emotion_tokens(run, inputs, params):
     block = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]
     assert "emotion" in block
-    assert rel_err(run(inputs), run(dict(inputs, emotion=inputs["emotion"] * -1.0))) > 1e-3
+    assert rel_err(run(inputs), run(dict(inputs, emotion=EmotionCondition(inputs["emotion"].tokens * -1.0)))) > 1e-3
 
 
 def test_fresh_face_locator_changes_nothing_and_trained_one_does(unet, params, inputs):
@@ -154,6 +157,7 @@ def test_xla_attention_is_softmax_attention_and_respects_the_mask():
 
 
 @pytest.mark.parametrize("policy", ["full", "dots"])
+@pytest.mark.slow  # compiles the U-Net's gradient twice per policy
 def test_rematerialised_unet_has_the_same_output_and_gradients(unet, params, inputs, policy):
     remat = VideoUNet(unet.config.replace(remat=policy))
 

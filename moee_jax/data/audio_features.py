@@ -14,8 +14,8 @@ import pathlib
 
 import numpy as np
 
+from moee_jax.checkpoint.pretrained import Wav2Vec2Bundle
 from moee_jax.data.audio import SAMPLE_RATE, align_to_frames, encode_long, frame_windows, load_audio, num_video_frames
-from moee_jax.models.encoders.pretrained import Wav2Vec2Bundle
 
 
 def audio_frame_features(

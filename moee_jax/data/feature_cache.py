@@ -216,9 +216,9 @@ def build_feature_cache(
     (or replaced) when its dataset, encoders and text length are these; anything else is refused.
     Files are written atomically: an interrupted build leaves the folder as it was.
     ``progress(done, total)`` after each record. → the written manifest."""
+    from moee_jax.checkpoint.pretrained import load_t5_encoder, load_wav2vec2
     from moee_jax.data.audio_features import audio_frame_features
     from moee_jax.data.pipeline import open_source
-    from moee_jax.models.encoders.pretrained import load_t5_encoder, load_wav2vec2
 
     if audio_encoder is None and text_encoder is None:
         raise FeatureCacheError("give an audio encoder (a wav2vec2 folder) and/or a text encoder (a T5 folder): nothing to compute")

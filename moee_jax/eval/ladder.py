@@ -41,11 +41,11 @@ from moee_jax.data import schema
 from moee_jax.eval.evaluate import (
     EvalItem,
     EvalSettings,
-    resize_frame,
     ground_truth_ceiling,
     held_out_clips,
     held_out_items,
     render_items,
+    resize_frame,
     score_items,
 )
 

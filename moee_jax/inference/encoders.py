@@ -81,7 +81,7 @@ class ModelEncoders:
         ``window`` frames of all its hidden states must make the audio projection's
         ``projection_inputs`` per frame, its width the speech emotion source's ``speech_dim`` (None:
         no such source), and its config the recorded encoder's."""
-        from moee_jax.models.encoders.pretrained import load_wav2vec2
+        from moee_jax.checkpoint.pretrained import load_wav2vec2
 
         recorded = self.audio
         if self.audio_folder is None:
@@ -115,7 +115,7 @@ class ModelEncoders:
     def load_text(self, *, text_dim: int | None):
         """The T5 bundle of :attr:`text_folder`, checked against the model's ``text_dim`` and the
         recorded encoder (when there is a record)."""
-        from moee_jax.models.encoders.pretrained import load_t5_encoder
+        from moee_jax.checkpoint.pretrained import load_t5_encoder
 
         flag = f"--text_encoder {self.text_folder}"
         try:

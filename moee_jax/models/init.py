@@ -11,6 +11,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from moee_jax.models.emotion_moe import EmotionCondition
 from moee_jax.models.unet import UNetConfig, VideoUNet
 
 
@@ -27,7 +28,7 @@ def unet_example_inputs(cfg: UNetConfig, batch: int = 1, frames: int = 1) -> dic
     if cfg.emotion_slot is not None:
         if cfg.emotion_dim is None:
             raise ValueError("a U-Net with an emotion slot needs emotion_dim (the width of the emotion tokens)")
-        inputs["emotion"] = jnp.zeros((batch, 1, cfg.emotion_dim))
+        inputs["emotion"] = EmotionCondition(jnp.zeros((batch, 1, cfg.emotion_dim)))
     if cfg.reference_concat:
         inputs["reference_latents"] = jnp.zeros((batch, side, side, cfg.in_channels))
     return inputs

@@ -9,7 +9,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import flax.linen as nn
 import jax
@@ -20,6 +20,9 @@ from moee_jax.nn.attention import Attention
 from moee_jax.nn.embeddings import sinusoidal_positions
 from moee_jax.nn.layers import conv, dense
 from moee_jax.nn.norms import group_norm, layer_norm
+
+if TYPE_CHECKING:  # the slot's condition type; the blocks only pass it through
+    from moee_jax.models.emotion_moe import EmotionCondition
 
 # Collection into which ReferenceNet writes each block's normalised pre-self-attention states.
 REFERENCE_COLLECTION = "reference"
@@ -83,7 +86,8 @@ class SpatialTransformerBlock(nn.Module):
       3. audio cross-attention to per-frame tokens ``audio (N, La, Da)``, output gated by
          ``audio_mask (N, L, 1)``, zero-initialised out-projection (Hallo's audio attention);
          skipped when no audio is given;
-      4. the emotion slot, a module ``emotion_slot(x, emotion)`` with ``emotion (B, Le, De)``,
+      4. the emotion slot, a module ``emotion_slot(x, emotion)`` with ``emotion`` an
+         :class:`~moee_jax.models.emotion_moe.EmotionCondition` (tokens ``(B, Le, De)``),
          skipped when no emotion is given;
       5. GEGLU feed-forward.
     With ``collect_reference`` the normalised input of (1) is sown into the ``reference``
@@ -108,7 +112,7 @@ class SpatialTransformerBlock(nn.Module):
         reference_keep: jax.Array | None = None,
         audio: jax.Array | None = None,
         audio_mask: jax.Array | None = None,
-        emotion: jax.Array | None = None,
+        emotion: EmotionCondition | None = None,
         collect_reference: bool = False,
     ) -> jax.Array:
         head_dim = self.dim // self.heads

@@ -31,6 +31,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
 from moee_jax.checkpoint import run as run_lib
@@ -87,7 +88,7 @@ class Trainer:
         if config.stage not in run_lib.STAGES:
             raise TrainingError(f"config.stage={config.stage!r}; choose one of {run_lib.STAGES}")
         self.config = config
-        self.layout = run_lib.RunDir.of(run_dir)  # not `self.run`: that is the training method
+        self.layout = run_lib.RunDir.of(run_dir)
         self.run_dir, self.dir = self.layout.root, self.layout.stage(config.stage)
         self.stage: Stage = make_stage(config)
         self.rules = rules_from_config(config)
@@ -238,6 +239,8 @@ class Trainer:
             iterator = iter(self.pipeline())
             batches = [next(iterator) for _ in range(int(self.config.train.get("finalize_batches", 8)))]
             new = self.stage.finalize(jax.device_get(params), batches)
+            if jax.process_count() > 1:  # one measurement for every process: process 0's, on its shard's batches
+                new = multihost_utils.broadcast_one_to_all(new)
             params = jax.tree_util.tree_map(lambda value, old: jax.device_put(np.asarray(value, old.dtype), old.sharding), new, params)
         meta = {"stage": self.config.stage, "parts": sorted(params), "step": int(state.step), "config": self.config.get("variant", "")}
         return run_lib.export_final(self.layout.final(self.config.stage), params, meta)
