@@ -461,6 +461,46 @@ def _ladder() -> None:
 COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "features": _features, "animate": _animate,
             "eval": _eval, "ablate": _ablate, "ladder": _ladder}  # fmt: skip
 
+EXAMPLES = {
+    "convert": "moee convert --unet sd15/unet --vae sd15/vae --motion_adapter mm_sd_v15_v2.safetensors --out checkpoints/sd15",
+    "demo": "moee demo --out outputs/demo            # add --from_scratch to train every stage again",
+    "train": "moee train --config stage1.py:tiny --run_dir runs/r1 --config.data.data_dir data/",
+    "prepare": "moee prepare --input videos.csv --out prepared/ --data_dir data/",
+    "features": "moee features --data_dir data/ --dataset talking_face_clips --audio_encoder wav2vec2-base/",
+    "animate": "moee animate --checkpoint runs/r1 --image face.png --audio speech.wav --emotion happy:0.6,surprised:0.4 --out out.mp4",
+    "eval": "moee eval runs/r1 --steps 10",
+    "ablate": "moee ablate runs/r1 --variants full,no_moe",
+    "ladder": "moee ladder runs/r1 --rungs ceiling,overfit",
+}
+
+
+def summary(command: str) -> str:
+    """The one-line description of ``command`` in this module's docstring table."""
+    for line in __doc__.splitlines():
+        if line.strip().startswith(command + " "):
+            return line.strip()[len(command) :].strip()
+    return ""
+
+
+def command_help(command: str, names: set[str]) -> str:
+    """``moee <command> --help``: the command's own flags (``names``) with their defaults and help,
+    and one example; absl's and JAX's own flags stay in ``--helpfull``."""
+    lines = [f"moee {command}: {summary(command)}", "", f"usage: moee {command} [--flag=value ...]", "", "flags:"]
+    for name in sorted(names):
+        flag = flags.FLAGS[name]
+        kind = "" if flag.boolean else "=" + flag.flag_type().split()[-1].upper()
+        default = "" if flag.default is None else " (default: " + flag.default_as_str.strip("'").replace(f"{CONFIGS}/", "") + ")"
+        required = " (required)" if _required(flag) else ""
+        lines.append(f"  --{name}{kind}{required}{default}")
+        lines.append(f"      {flag.help}")
+    lines += ["", "example:", f"  {EXAMPLES[command]}", "", "absl and JAX flags: moee " + command + " --helpfull"]
+    return "\n".join(lines)
+
+
+def _required(flag) -> bool:
+    """Whether absl's ``required=True`` validator guards ``flag``."""
+    return any("must have a value other than None" in str(getattr(v, "message", "")) for v in flag.validators)
+
 
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
@@ -474,7 +514,11 @@ def run(argv: list[str] | None = None) -> None:
         sys.exit(analyze([underscored(a) for a in argv[2:]]))
     # absl logs at INFO; jax's backend probe would report every platform it did not find (TPU, GPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
+    before = set(flags.FLAGS)
     main = COMMANDS[command]()
+    if any(a in ("-h", "--help") for a in argv[2:]):
+        print(command_help(command, set(flags.FLAGS) - before))
+        sys.exit(0)
     app.run(main, argv=[f"moee {command}"] + _config_paths([underscored(a) for a in argv[2:]]))
 
 

@@ -29,9 +29,10 @@ from moee_jax.data.synthetic import generate_clip
 from moee_jax.data.video_io import read_video
 from moee_jax.emotions import parse_palette
 from moee_jax.inference import inputs as inputs_lib
-from moee_jax.inference.animator import Animation, Animator
+from moee_jax.inference.animator import Animator
 from moee_jax.inference.batch import animate_batch
 from moee_jax.inference.inputs import InputError, parse_emotion
+from moee_jax.inference.job import Animation
 from moee_jax.inference.long_audio import clip_audio_features, plan_clips, roll_clips
 from moee_jax.inference.outputs import animate_to_file, save_animation
 

@@ -221,8 +221,8 @@ def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *,
     """Every item's video ``(T, S, S, 3)`` uint8, ``batch_size`` at a time
     (:meth:`~moee_jax.inference.animator.Animator.render_jobs`); with ``videos_dir`` each is also
     written as ``<speaker>_<tag>.mp4`` (+ JSON sidecar)."""
-    from moee_jax.inference.animator import Animation
     from moee_jax.inference.inputs import Speech
+    from moee_jax.inference.job import Animation
     from moee_jax.inference.outputs import save_animation
 
     def job_of(item):

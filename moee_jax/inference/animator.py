@@ -16,23 +16,9 @@ conditioning (ReferenceNet and the conditioning paths, once per clip), the guide
 the decoder. Every clip of every video has the same shapes, so it compiles once per Animator,
 emotion kind and batch size; :meth:`Animator.render_jobs` renders several videos in one batch.
 
-Emotion conditions (:class:`~moee_jax.inference.inputs.EmotionSpec`), for Emotion-to-Latents models:
-
-* ``label`` / ``palette`` — the weights (one-hot for a label, the mix for a compound) through the
-  label MLP, and the same weights as the **global gate** of every Emotion MoE: a label activates its
-  own expert, a palette mixes experts (MoEE's palette: compound emotions from single-emotion
-  experts). The speech emotion source is dropped: the speech a user gives need not carry the
-  emotion asked for, and training conditions label samples the same way
-  (:mod:`moee_jax.data.pipeline`, emotion modes). Models with the ``single`` or ``no_global`` MoE
-  variant ignore the gate.
-* ``text`` — T5 features of the description (``text_encoder`` folder) alone; the learned gate acts.
-  Only for models with a ``text`` emotion source.
-* ``audio`` — speech only: the clip's speech features alone (per-frame log-mel, or wav2vec2's last
-  layer for a model trained on a feature cache); the learned gate acts. Only for models with a
-  ``speech`` source.
-
-For embedder models (DICE-Talk), ``video`` encodes a reference clip (its face crops and audio) into
-one emotion for the whole video; ``audio`` uses the embedder's audio-only mode on each clip's speech.
+Emotion requests (:class:`~moee_jax.inference.inputs.EmotionSpec`: a label, a compound palette, a
+text, the speech itself or a reference clip) are checked and turned into emotion sources by
+:mod:`.emotion_inputs`.
 
 The unconditional emotion branch of classifier-free guidance is what training's dropped emotion is:
 the model's learned null tokens (all modalities dropped) with the learned gate (no palette).
@@ -42,7 +28,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import pathlib
 import time
 from collections.abc import Callable
 
@@ -52,16 +37,15 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from moee_jax.checkpoint.run import RunCheckpoint, load_run_config, resolve_checkpoint, restore_final
-from moee_jax.data.audio import audio_window, frame_log_mel
-from moee_jax.data.face_crop import crop_frame
 from moee_jax.data.feature_cache import MANIFEST, read_run_manifest
-from moee_jax.diffusion import SAMPLERS, DDIMPlan, DPMSolverPlan, SamplerConfig, make_plan, make_schedule
-from moee_jax.emotions import NUM_EMOTIONS
+from moee_jax.diffusion import make_schedule
 from moee_jax.inference import inputs as inputs_lib
+from moee_jax.inference.emotion_inputs import EmotionInputs
 from moee_jax.inference.encoders import ModelEncoders, projection_inputs
-from moee_jax.inference.inputs import EmotionSpec, InputError, Portrait, Speech
-from moee_jax.inference.long_audio import ClipPlan, clip_audio_features, clip_feature_windows, plan_clips, roll_clips
-from moee_jax.inference.sampling import CONDITION_ORDER, sample_clip
+from moee_jax.inference.inputs import EmotionSpec, InputError, Speech
+from moee_jax.inference.job import Animation, Job
+from moee_jax.inference.long_audio import clip_audio_features, clip_feature_windows, plan_clips, roll_clips
+from moee_jax.inference.sampling import sample_clip, sampling_settings
 from moee_jax.models.conditioning import EmotionSources
 from moee_jax.models.features import to_uint8
 from moee_jax.models.space_to_depth import SpaceToDepthAutoencoder
@@ -69,54 +53,6 @@ from moee_jax.models.system import Conditions, ModelInputs, MoEESystem
 
 REQUIRED_PARTS = ("vae", "face_locator", "context", "reference_net", "unet", "conditioning")
 TEXT_LENGTH = 32  # the training pipeline's default data.text_length
-
-
-@dataclasses.dataclass
-class Animation:
-    """A generated video.
-
-    frames (T, S, S, 3) uint8 · audio (A,) float32 mono 16 kHz · fps · the portrait it animates ·
-    the clip plan · settings (JSON-ready, for the sidecar) · warnings for the user.
-    """
-
-    frames: np.ndarray
-    audio: np.ndarray
-    fps: float
-    portrait: Portrait
-    plan: ClipPlan
-    settings: dict
-    warnings: list[str]
-
-
-@dataclasses.dataclass
-class Job:
-    """One video's checked inputs and per-video tensors (:meth:`Animator.prepare`).
-
-    mel (K, F + 2c, n_mels) per clip (None for a model that takes encoder features) · emotion: the
-    video's :class:`EmotionSources` (batch 1; the per-clip speech is filled in per clip) ·
-    plan_arrays: the sampler's plan · scales: CFG scale per condition · key: the noise seed ·
-    ref_latents (1, h, w, C) · face_features (1, F, h, w, C0) · audio_features (K, F, 2c+1,
-    layers+1, D) per clip for a model trained on a feature cache, else None.
-    """
-
-    portrait: Portrait
-    speech: Speech
-    plan: ClipPlan
-    mel: np.ndarray
-    emotion: EmotionSources
-    plan_arrays: DDIMPlan | DPMSolverPlan
-    scales: dict[str, float]
-    key: jax.Array
-    ref_latents: jax.Array
-    face_features: jax.Array
-    settings: dict
-    warnings: list[str]
-    audio_features: np.ndarray | None = None
-
-    def clip_audio(self, k: int) -> np.ndarray:
-        """Clip ``k``'s audio input, batch 1: encoder windows ``(1, F, 2c+1, layers+1, D)`` when the
-        model takes them, else log-mel ``(1, F + 2c, n_mels)``."""
-        return (self.audio_features if self.audio_features is not None else self.mel)[k : k + 1]
 
 
 class Animator:
@@ -138,7 +74,6 @@ class Animator:
         self.encoders = ModelEncoders.of_model(config, features, features_path, audio_encoder=audio_encoder,
                                                text_encoder=text_encoder, source=source)  # fmt: skip
         self.text_encoder_path = self.encoders.text_folder
-        self._text_encoder = None
         self._audio_encoder = None
         self.checkpoint: RunCheckpoint | None = None
         self.system = MoEESystem(config)
@@ -163,6 +98,9 @@ class Animator:
                 f"--checkpoint {source}: an emotion-embedder model trained on wav2vec2 audio features cannot be animated yet "
                 "(its embedder takes log-mel, its audio projection wav2vec2 windows)"
             )
+        self.emotion_inputs = EmotionInputs(self.emotion, self.encoders, size=self.size, downsample=self.downsample, fps=self.fps,
+                                            clip_frames=self.clip_frames, context_frames=self.context_frames,
+                                            mel_bins=self.mel_bins, text_length=self.text_length)  # fmt: skip
         self._prepare = jax.jit(self._prepare_fn)
         # Guidance scales are static: a branch a scale gives no weight is then left out of the batch.
         self._clip_step = jax.jit(self._clip_step_fn, static_argnames=("scales",))
@@ -201,27 +139,13 @@ class Animator:
         return self.emotion.uses_embedder
 
     def check_emotion(self, spec: EmotionSpec) -> None:
-        """Raise :class:`InputError` when this model cannot take ``spec``."""
-        flag = _FLAG_OF_KIND[spec.kind]
-        if self.uses_embedder:
-            if spec.kind not in ("video", "audio"):
-                raise InputError(
-                    f"{flag}: this model's emotion comes from a reference clip (DICE-Talk embedder, emotion source "
-                    "'embedder'); pass --emotion_video ref.mp4 or --emotion_from_audio"
-                )
-            return
-        usable = ", ".join(_FLAG_OF_SOURCE[s] for s in self.emotion.sources if s in _FLAG_OF_SOURCE)
-        sources = ", ".join(self.emotion.sources)
-        if spec.kind == "video":
-            raise InputError(
-                "--emotion_video: only models with the DICE-Talk embedder (config.model.emotion.sources=('embedder',)) take a "
-                f"reference video; this model's emotion sources are {sources}: use {usable}"
-            )
-        need = _SOURCE_OF_KIND[spec.kind]
-        if need not in self.emotion.sources:
-            raise InputError(f"{flag}: this model has no {need!r} emotion source (its sources: {sources}); use {usable}")
-        if spec.kind == "text" and self.text_encoder_path is None:
-            raise InputError("--emotion_text needs --text_encoder FOLDER: the T5 encoder (transformers folder) the model was trained with")
+        """Raise :class:`InputError` when this model cannot take ``spec`` (:meth:`.EmotionInputs.check`)."""
+        self.emotion_inputs.check(spec)
+
+    def emotion_sources(self, spec: EmotionSpec, *, detect: bool = True) -> EmotionSources:
+        """The video's emotion sources, batch 1 (:meth:`.EmotionInputs.sources`); per-clip speech is
+        added per clip by :meth:`clip_emotion`."""
+        return self.emotion_inputs.sources(spec, detect=detect)
 
     # ---- one video -------------------------------------------------------------------------------------------------
 
@@ -239,7 +163,7 @@ class Animator:
     ) -> Job:
         """Check and load every input of one video and compute its per-video tensors (reference
         latent, face features, per-clip audio features, emotion sources); no clip is sampled yet.
-        Raises :class:`InputError` for any unusable input. Arguments as :meth:`animate`."""
+        Raises :class:`InputError` for any unusable input. Arguments as :meth:`animate` describes."""
         self.check_emotion(emotion)
         speech = audio if isinstance(audio, Speech) else inputs_lib.load_speech(audio)
         if isinstance(image, np.ndarray):
@@ -249,7 +173,7 @@ class Animator:
         portrait = inputs_lib.prepare_portrait(picture, self.size, detect=detect, name=f"--image {image_name}")
         plan = plan_clips(speech.wave.size, self.fps, self.clip_frames, self.motion_frames, self.context_frames)
         sources = self.emotion_sources(emotion, detect=detect)
-        sampling = self._sampling(steps, sampler, guidance)
+        sampling = sampling_settings(self.config, self.schedule, steps=steps, sampler=sampler, guidance=guidance)
         mel = windows = None  # the clips' audio inputs, before anything is compiled (encoder checks fail fast)
         if self.encoders.audio is None:
             mel = clip_audio_features(speech.wave, plan, self.mel_bins)
@@ -305,17 +229,13 @@ class Animator:
         audio: str | os.PathLike | Speech,
         emotion: EmotionSpec,
         *,
-        steps: int | None = None,
-        sampler: str | None = None,
-        guidance: dict[str, float] | None = None,
-        seed: int = 0,
-        detect: bool = True,
         progress: Callable[[int, int], None] | None = None,
+        **options,
     ) -> Animation:
         """Animate ``image`` (a path or ``(H, W, 3)`` uint8) speaking ``audio`` (a path or loaded
         :class:`Speech`) with ``emotion``.
 
-        ``steps`` / ``sampler`` (``ddim`` | ``dpmpp_2m``) default to the config's; ``guidance`` maps
+        ``options`` are :meth:`prepare`'s: ``steps`` / ``sampler`` (``ddim`` | ``dpmpp_2m``) default to the config's; ``guidance`` maps
         ``reference`` / ``audio`` / ``emotion`` to their CFG scales (missing or None: the config's);
         ``detect=False`` takes the image as a face crop. ``progress(done, total)`` is called after
         each clip. → :class:`Animation` with ``frames (T, S, S, 3)`` uint8,
@@ -323,7 +243,7 @@ class Animator:
         upsampled face crop, silent audio).
         """
         t0 = time.perf_counter()
-        job = self.prepare(image, audio, emotion, steps=steps, sampler=sampler, guidance=guidance, seed=seed, detect=detect)
+        job = self.prepare(image, audio, emotion, **options)
         video = self.render_job(job, progress)
         settings = dict(job.settings, seconds=round(time.perf_counter() - t0, 2), warnings=job.warnings)
         return Animation(video, job.speech.wave, self.fps, job.portrait, job.plan, settings, job.warnings)
@@ -378,43 +298,6 @@ class Animator:
 
     # ---- conditioning inputs ---------------------------------------------------------------------------------------
 
-    def emotion_sources(self, spec: EmotionSpec, *, detect: bool = True) -> EmotionSources:
-        """The video's emotion sources (batch 1); per-clip speech is added per clip.
-
-        Emotion-to-Latents models: ``label (1, 6)`` (zeros when the label is dropped), ``drop (1, 3)``
-        over (text, speech, label) — one kept — ``text (1, L, D)`` + ``text_mask``, and the MoE
-        gate's ``palette (1, 6)`` with ``palette_keep (1,)`` (True for a label or palette). Embedder
-        models: ``expression_frames (1, F, S, S, 3)`` in [-1, 1], ``mouth_mask (1, F, S, S)`` and
-        ``embedder_audio (1, F, n_mels)`` (when the reference clip has sound) for ``video``; for
-        ``audio`` each clip's speech.
-        """
-        self.check_emotion(spec)
-        weights = np.zeros(NUM_EMOTIONS, np.float32) if spec.weights is None else np.asarray(spec.weights, np.float32)
-        if self.uses_embedder:
-            extra = self._reference_clip_inputs(spec.video, detect) if spec.kind == "video" else {}
-            return EmotionSources(drop=np.zeros((1, 3), bool), palette=weights[None], palette_keep=np.zeros((1,), bool), **extra)
-        keep_label = spec.kind in ("label", "palette")
-        keep_text = spec.kind == "text"
-        keep_speech = spec.kind == "audio"
-        text = mask = None
-        if keep_text:
-            text, mask = self._encode_text(spec.text)
-        elif "text" in self.emotion.sources:  # dropped, as in training: present but masked out
-            text = np.zeros((1, self.text_length, self.emotion.text_dim), np.float32)
-            mask = np.zeros((1, self.text_length), bool)
-        return EmotionSources(
-            drop=np.array([[not keep_text, not keep_speech, not keep_label]]),
-            # The label's weights set the MoE's global gate; without a label the learned gate acts.
-            palette=weights[None], palette_keep=np.array([keep_label]),
-            label=weights[None] if "label" in self.emotion.sources else None, text=text, text_mask=mask,
-        )  # fmt: skip
-
-    def _encode_text(self, text: str) -> tuple[np.ndarray, np.ndarray]:
-        if self._text_encoder is None:
-            self._text_encoder = self.encoders.load_text(text_dim=self.emotion.text_dim)
-        features, mask = self._text_encoder.encode([text], max_length=self.text_length)
-        return features.astype(np.float32), mask
-
     def _audio_features(self, wave: np.ndarray, num_frames: int) -> np.ndarray:
         """The speech's per-frame wav2vec2 features ``(T, layers + 1, D)``, as the feature cache made
         them for the training clips (:func:`~moee_jax.data.audio_features.audio_frame_features`)."""
@@ -426,58 +309,6 @@ class Animator:
                 window=2 * self.context_frames + 1, projection_inputs=projection_inputs(self.params), speech_dim=speech_dim
             )
         return audio_frame_features(wave, self._audio_encoder, fps=self.fps, num_frames=num_frames)
-
-    def _reference_clip_inputs(self, path: pathlib.Path, detect: bool) -> dict[str, np.ndarray]:
-        """The embedder's view of a reference clip: the middle ``F`` frames at the model's fps,
-        face-cropped with one box (detected on the middle frame), their mouth boxes, and the clip's
-        own per-frame log-mel (absent when it has no sound: the embedder's video-only mode)."""
-        from moee_jax.data.video_io import VideoError, read_video, resample_indices
-
-        try:
-            video, fps, sound = read_video(path)
-        except VideoError as e:
-            raise InputError(f"--emotion_video {e}") from None
-        index = resample_indices(video.shape[0], fps, self.fps)
-        f, c = self.clip_frames, self.context_frames
-        if index.size < f:
-            raise InputError(
-                f"--emotion_video {path}: {index.size} frames at {self.fps:g} fps; the embedder needs at least {f} ({f / self.fps:.2f} s)"
-            )
-        start = (index.size - f) // 2
-        middle = video[index[start + f // 2]]
-        portrait = inputs_lib.prepare_portrait(middle, self.size, detect=detect, name=f"--emotion_video {path}")
-        crops = np.stack([crop_frame(video[i], portrait.box, self.size) for i in index[start : start + f]])
-        mouth = inputs_lib.mouth_region_mask(self.size, self.downsample)
-        out = {
-            "expression_frames": (crops.astype(np.float32) / 127.5 - 1.0)[None],
-            "mouth_mask": np.broadcast_to(mouth, (1, f) + mouth.shape).copy(),
-        }
-        if sound is not None:
-            mel = frame_log_mel(audio_window(sound, self.fps, start - c, f + 2 * c), self.fps, self.mel_bins)
-            out["embedder_audio"] = mel[None, c : c + f]
-        return out
-
-    def _sampling(self, steps, sampler, guidance) -> dict:
-        cfg = SamplerConfig(**self.config.sampler.to_dict())
-        if steps is not None:
-            if int(steps) < 1:
-                raise InputError(f"--steps {steps}: must be at least 1")
-            cfg = dataclasses.replace(cfg, num_steps=int(steps))
-        if sampler is not None:
-            if sampler not in SAMPLERS:
-                raise InputError(f"--sampler {sampler!r}: choose one of {SAMPLERS}")
-            cfg = dataclasses.replace(cfg, name=sampler, eta=0.0 if sampler == "dpmpp_2m" else cfg.eta)
-        try:
-            plan = make_plan(cfg, self.schedule)
-        except ValueError as e:
-            raise InputError(f"--steps / --sampler: {e}") from None
-        scales = {name: float(self.config.guidance[name]) for name in CONDITION_ORDER}
-        for name, value in (guidance or {}).items():
-            if name not in CONDITION_ORDER:
-                raise ValueError(f"unknown guidance condition {name!r}; expected one of {CONDITION_ORDER}")
-            if value is not None:
-                scales[name] = float(value)
-        return {"plan": plan, "scales": scales, "name": cfg.name, "steps": cfg.num_steps}
 
     # ---- jitted pieces ---------------------------------------------------------------------------------------------
 
@@ -528,9 +359,3 @@ class Animator:
 
         latents = sample_clip(denoise, cond, plan, dict(scales), x_T, split[0, 1])
         return latents, to_uint8(self.system.decode(params, latents))
-
-
-_FLAG_OF_KIND = {"label": "--emotion", "palette": "--emotion", "text": "--emotion_text", "audio": "--emotion_from_audio",
-                 "video": "--emotion_video"}  # fmt: skip
-_SOURCE_OF_KIND = {"label": "label", "palette": "label", "text": "text", "audio": "speech"}
-_FLAG_OF_SOURCE = {"label": "--emotion", "text": "--emotion_text", "speech": "--emotion_from_audio"}

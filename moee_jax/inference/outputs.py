@@ -20,8 +20,9 @@ from PIL import Image
 from moee_jax.atomic import atomic_directory, atomic_write_text
 from moee_jax.data.audio import SAMPLE_RATE
 from moee_jax.inference import inputs as inputs_lib
-from moee_jax.inference.animator import Animation, Animator
+from moee_jax.inference.animator import Animator
 from moee_jax.inference.inputs import EmotionSpec, InputError, Speech
+from moee_jax.inference.job import Animation
 
 
 def check_outputs(out: str | os.PathLike, frames_dir: str | os.PathLike | None = None) -> None:

@@ -19,14 +19,44 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from moee_jax.diffusion import SAMPLERS, SamplerConfig, make_plan
 from moee_jax.diffusion.guidance import guided_model_fn
 from moee_jax.diffusion.samplers import DDIMPlan, DPMSolverPlan, run_sampler
+from moee_jax.inference.inputs import InputError
 from moee_jax.models.emotion_moe import EmotionCondition
 from moee_jax.models.system import Conditions
 
 CONDITION_ORDER = ("reference", "audio", "emotion")
 
 Denoiser = Callable[[Conditions, jax.Array, jax.Array], jax.Array]  # (conditions, x, t) → prediction
+
+
+def sampling_settings(config, schedule, *, steps: int | None = None, sampler: str | None = None,
+                      guidance: dict[str, float | None] | None = None) -> dict:  # fmt: skip
+    """A user's sampler choices over the config's (``config.sampler``, ``config.guidance``) →
+    ``{"plan": DDIMPlan | DPMSolverPlan, "scales": {condition: CFG scale}, "name", "steps"}``.
+    ``guidance`` maps ``reference`` / ``audio`` / ``emotion`` to a scale (None: the config's).
+    Raises :class:`InputError` naming the flag for an unusable value."""
+    cfg = SamplerConfig(**config.sampler.to_dict())
+    if steps is not None:
+        if int(steps) < 1:
+            raise InputError(f"--steps {steps}: must be at least 1")
+        cfg = dataclasses.replace(cfg, num_steps=int(steps))
+    if sampler is not None:
+        if sampler not in SAMPLERS:
+            raise InputError(f"--sampler {sampler!r}: choose one of {SAMPLERS}")
+        cfg = dataclasses.replace(cfg, name=sampler, eta=0.0 if sampler == "dpmpp_2m" else cfg.eta)
+    try:
+        plan = make_plan(cfg, schedule)
+    except ValueError as e:
+        raise InputError(f"--steps / --sampler: {e}") from None
+    scales = {name: float(config.guidance[name]) for name in CONDITION_ORDER}
+    for name, value in (guidance or {}).items():
+        if name not in CONDITION_ORDER:
+            raise ValueError(f"unknown guidance condition {name!r}; expected one of {CONDITION_ORDER}")
+        if value is not None:
+            scales[name] = float(value)
+    return {"plan": plan, "scales": scales, "name": cfg.name, "steps": cfg.num_steps}
 
 
 def present(cond: Conditions) -> tuple[str, ...]:
