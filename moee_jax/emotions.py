@@ -35,6 +35,22 @@ ALIASES: dict[str, str] = {
     "surprised": "surprise",
 }
 
+# Adverb and adjective of each emotion, for compound names and text descriptions.
+ADVERB = {"happiness": "happily", "sadness": "sadly", "anger": "angrily", "disgust": "disgustedly",
+          "fear": "fearfully", "surprise": "surprisedly"}  # fmt: skip
+ADJECTIVE = {"happiness": "happy", "sadness": "sad", "anger": "angry", "disgust": "disgusted",
+             "fear": "fearful", "surprise": "surprised", NEUTRAL: "neutral"}  # fmt: skip
+
+# Compound emotions of Du, Tao & Martinez (2014) expressible with the six basic ones.
+COMPOUND_EMOTIONS: dict[str, tuple[str, str]] = {
+    f"{ADVERB[a]}_{ADJECTIVE[b]}": (a, b)
+    for a, b in (
+        ("happiness", "surprise"), ("happiness", "disgust"), ("sadness", "fear"), ("sadness", "anger"),
+        ("sadness", "surprise"), ("sadness", "disgust"), ("fear", "anger"), ("fear", "surprise"),
+        ("fear", "disgust"), ("anger", "surprise"), ("anger", "disgust"), ("disgust", "surprise"),
+    )
+}  # fmt: skip
+
 _KNOWN = f"known emotions: {', '.join(EMOTIONS)}, {NEUTRAL} (aliases: {', '.join(f'{a}={c}' for a, c in ALIASES.items())})"
 
 

@@ -33,13 +33,13 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from moee_jax.data import face_layout
 from moee_jax.data import masks as masks_lib
-from moee_jax.data import synthetic
-from moee_jax.emotions import EMOTIONS, NEUTRAL, canonical_emotion, palette_name, parse_palette
+from moee_jax.emotions import COMPOUND_EMOTIONS, EMOTIONS, NEUTRAL, canonical_emotion, palette_name, parse_palette
 
 SAMPLE_RATE = 16000
 FPS = 25.0
-NUM_AUS = synthetic.NUM_AUS
+NUM_AUS = face_layout.NUM_AUS
 
 # The classes of emotion classification: the six basic emotions in EMOTIONS order, then neutral.
 CLASSES: tuple[str, ...] = (*EMOTIONS, NEUTRAL)
@@ -47,9 +47,9 @@ CLASSES: tuple[str, ...] = (*EMOTIONS, NEUTRAL)
 # Landmark index groups used for masks and crops, per landmark layout.
 LANDMARK_LAYOUTS: dict[str, dict[str, tuple[int, ...]]] = {
     "synthetic72": {
-        "num_points": (synthetic.NUM_LANDMARKS,),
-        "face_oval": synthetic.LANDMARK_GROUPS["face_oval"],
-        "lips": synthetic.LANDMARK_GROUPS["lips"],
+        "num_points": (face_layout.NUM_LANDMARKS,),
+        "face_oval": face_layout.LANDMARK_GROUPS["face_oval"],
+        "lips": face_layout.LANDMARK_GROUPS["lips"],
     },
     "mediapipe478": {"num_points": (468, 478), "face_oval": masks_lib.MEDIAPIPE_FACE_OVAL, "lips": masks_lib.MEDIAPIPE_LIPS},
 }
@@ -118,14 +118,14 @@ def emotion_fields(emotion: str, intensity: float = 1.0) -> dict[str, object]:
     """``emotion``, ``emotion_class`` and ``palette`` for a label, alias, compound name or palette spec.
 
     A basic emotion or neutral gets its class index in :data:`CLASSES`; a compound (a name such as
-    ``happily_surprised``, see :data:`moee_jax.data.synthetic.COMPOUND_EMOTIONS`, or a spec with more
+    ``happily_surprised``, see :data:`moee_jax.emotions.COMPOUND_EMOTIONS`, or a spec with more
     than one label, stored under its canonical spec :func:`~moee_jax.emotions.palette_name`, e.g.
     ``happiness:0.5,surprise:0.5``) gets class −1. Raises ``ValueError`` naming the emotion when it is unknown.
     """
     name = emotion.strip().lower()
-    if name in synthetic.COMPOUND_EMOTIONS:
+    if name in COMPOUND_EMOTIONS:
         palette = np.zeros(len(EMOTIONS), np.float32)
-        for part in synthetic.COMPOUND_EMOTIONS[name]:
+        for part in COMPOUND_EMOTIONS[name]:
             palette[EMOTIONS.index(part)] = 0.5
         return {"emotion": name, "emotion_class": -1, "palette": palette}
     if "," in name or ":" in name:

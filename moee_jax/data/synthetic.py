@@ -72,12 +72,19 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from moee_jax.data.audio import SAMPLE_RATE, num_video_frames
-from moee_jax.emotions import EMOTIONS, NEUTRAL, NUM_EMOTIONS, parse_palette
+from moee_jax.data.face_layout import ACTION_UNITS, LANDMARK_GROUPS, NUM_AUS, NUM_LANDMARKS  # noqa: F401 (part of this module's API)
+from moee_jax.emotions import ADJECTIVE as _ADJECTIVE
+from moee_jax.emotions import ADVERB as _ADVERB
+from moee_jax.emotions import COMPOUND_EMOTIONS, EMOTIONS, NEUTRAL, NUM_EMOTIONS, parse_palette  # noqa: F401
 
-ACTION_UNITS: tuple[str, ...] = ("AU1", "AU2", "AU4", "AU5", "AU6", "AU7", "AU9", "AU12", "AU15", "AU20", "AU26")
-NUM_AUS = len(ACTION_UNITS)
 _AU = {name: i for i, name in enumerate(ACTION_UNITS)}
 
+# The synthetic72 landmark groups (:mod:`moee_jax.data.face_layout`) the renderer places and draws.
+_FACE, _NOSE, _CHEEKS = LANDMARK_GROUPS["face_oval"], LANDMARK_GROUPS["nose"], LANDMARK_GROUPS["cheeks"]
+_LBROW, _RBROW = LANDMARK_GROUPS["left_brow"], LANDMARK_GROUPS["right_brow"]
+_LEYE, _REYE = LANDMARK_GROUPS["left_eye"], LANDMARK_GROUPS["right_eye"]
+_OUTER, _INNER = LANDMARK_GROUPS["outer_lips"], LANDMARK_GROUPS["inner_lips"]
+_N_CONTOUR, _N_BROW = len(_FACE), len(_LBROW)
 
 def _aus(**values: float) -> np.ndarray:
     out = np.zeros(NUM_AUS, np.float32)
@@ -97,22 +104,6 @@ EMOTION_AUS: dict[str, np.ndarray] = {
     "surprise": _aus(AU1=1.0, AU2=1.0, AU5=0.9, AU26=0.7),
 }
 
-# Adverb and adjective of each emotion, for compound names and text descriptions.
-_ADVERB = {"happiness": "happily", "sadness": "sadly", "anger": "angrily", "disgust": "disgustedly",
-           "fear": "fearfully", "surprise": "surprisedly"}  # fmt: skip
-_ADJECTIVE = {"happiness": "happy", "sadness": "sad", "anger": "angry", "disgust": "disgusted",
-              "fear": "fearful", "surprise": "surprised", NEUTRAL: "neutral"}  # fmt: skip
-
-# Compound emotions of Du, Tao & Martinez (2014) expressible with the six basic ones.
-COMPOUND_EMOTIONS: dict[str, tuple[str, str]] = {
-    f"{_ADVERB[a]}_{_ADJECTIVE[b]}": (a, b)
-    for a, b in (
-        ("happiness", "surprise"), ("happiness", "disgust"), ("sadness", "fear"), ("sadness", "anger"),
-        ("sadness", "surprise"), ("sadness", "disgust"), ("fear", "anger"), ("fear", "surprise"),
-        ("fear", "disgust"), ("anger", "surprise"), ("anger", "disgust"), ("disgust", "surprise"),
-    )
-}  # fmt: skip
-
 # Prosody per emotion: f0 factor (× the speaker's f0), pitch range (semitones of the word accent),
 # syllable rate (Hz), energy (× neutral RMS), mean pause between words (s).
 _PROSODY_FIELDS = ("f0", "range", "rate", "energy", "pause")
@@ -125,39 +116,6 @@ PROSODY: dict[str, tuple[float, float, float, float, float]] = {
     "fear": (1.30, 7.0, 5.8, 0.90, 0.15),
     "surprise": (1.30, 9.0, 5.0, 1.30, 0.20),
 }
-
-# ---- landmark layout -------------------------------------------------------------------------
-_N_CONTOUR, _N_BROW, _N_EYE, _N_NOSE, _N_OUTER, _N_INNER, _N_CHEEK = 24, 5, 6, 4, 12, 8, 2
-
-
-def _span(start: int, n: int) -> tuple[int, ...]:
-    return tuple(range(start, start + n))
-
-
-_FACE = _span(0, _N_CONTOUR)
-_LBROW, _RBROW = _span(24, _N_BROW), _span(29, _N_BROW)
-_LEYE, _REYE = _span(34, _N_EYE), _span(40, _N_EYE)
-_NOSE = _span(46, _N_NOSE)
-_OUTER, _INNER = _span(50, _N_OUTER), _span(62, _N_INNER)
-_CHEEKS = _span(70, _N_CHEEK)
-NUM_LANDMARKS = 72
-
-LANDMARK_GROUPS: dict[str, tuple[int, ...]] = {
-    "face_oval": _FACE,  # clockwise from the forehead top: 6 = right ear, 12 = chin, 18 = left ear
-    "left_brow": _LBROW,  # image-left brow, outer → inner
-    "right_brow": _RBROW,  # inner → outer
-    "brows": _LBROW + _RBROW,
-    "left_eye": _LEYE,  # outer corner, upper outer, upper inner, inner corner, lower inner, lower outer
-    "right_eye": _REYE,  # inner corner, upper inner, upper outer, outer corner, lower outer, lower inner
-    "eyes": _LEYE + _REYE,
-    "nose": _NOSE,  # bridge, tip, left nostril, right nostril
-    "outer_lips": _OUTER,  # left corner, upper lip ×5 left → right, right corner, lower lip ×5 right → left
-    "inner_lips": _INNER,  # left corner, upper ×3 left → right, right corner, lower ×3 right → left
-    "lips": _OUTER,  # the outer contour bounds the lip region (masks_from_landmarks' lip_idx)
-    "mouth": _OUTER + _INNER,
-    "cheeks": _CHEEKS,
-}
-
 
 @dataclasses.dataclass(frozen=True)
 class Identity:
