@@ -338,14 +338,21 @@ def test_overlay_blends_the_face_with_a_heat_map_peaked_where_the_gate_is():
 # ---- interpolation ------------------------------------------------------------------------------------------
 
 
+def assert_same_render(batched, alone):
+    """Videos rendered in one batch and alone are equal up to float rounding: at most one grey level
+    on a few pixels."""
+    assert batched.shape == alone.shape
+    assert np.abs(batched.astype(int) - alone).max() <= 1 and np.mean(batched != alone) < 1e-3
+
+
 def test_latent_interpolation_ends_are_the_two_emotions_renders(animator, face_and_speech):
     face, speech = face_and_speech
     happy, sad = parse_emotion("happy"), parse_emotion("sad")
     interp = interpolation.interpolate(animator, face, speech, happy, sad, alphas=3, steps=STEPS)
     assert interp.frames.shape == (3, 8, 32, 32, 3) and interp.mode == "latent"
     ends = [animator.animate(face, speech, e, steps=STEPS, detect=False).frames for e in (happy, sad)]
-    np.testing.assert_array_equal(interp.frames[0], ends[0])
-    np.testing.assert_array_equal(interp.frames[-1], ends[1])
+    assert_same_render(interp.frames[0], ends[0])
+    assert_same_render(interp.frames[-1], ends[1])
     assert all(np.abs(interp.frames[1].astype(int) - end).mean() > 1 for end in ends)
 
 
@@ -354,7 +361,7 @@ def test_palette_interpolation_is_the_mixed_palette_with_one_emotion_palettes_at
     interp = interpolation.interpolate(animator, face, speech, parse_emotion("happy"), parse_emotion("sad"), alphas=[0.0, 0.25],
                                        mode="palette", steps=STEPS)  # fmt: skip
     for frames, spec in zip(interp.frames, ("happy:1,sad:0", "happy:0.75,sad:0.25")):
-        np.testing.assert_array_equal(frames, animator.animate(face, speech, parse_emotion(spec), steps=STEPS, detect=False).frames)
+        assert_same_render(frames, animator.animate(face, speech, parse_emotion(spec), steps=STEPS, detect=False).frames)
     assert interpolation.palette_spec(np.eye(6)[1]).spec == "sadness:1"
 
 

@@ -183,6 +183,7 @@ BAD_INPUTS = {
     "malformed_compound_emotion": _malformed_compound,
     "corrupt_audio": _corrupt_audio,
     "empty_audio": _empty_audio,
+    "nan_guidance_scale": lambda tmp: ({"guidance": {"audio": float("nan")}}, ["--cfg_audio", "finite"]),
 }
 
 
@@ -194,7 +195,7 @@ def test_bad_input_is_a_clear_error_and_leaves_no_output(case, animator, media, 
     with pytest.raises(InputError) as err:
         spec = parse_emotion(args["emotion"])
         animate_to_file(animator, args["image"], args["audio"], spec, out_dir / "video.mp4", frames_dir=out_dir / "frames",
-                        steps=STEPS, detect=args["detect"])  # fmt: skip
+                        steps=STEPS, detect=args["detect"], guidance=args.get("guidance"))  # fmt: skip
     for phrase in phrases:
         assert phrase in str(err.value), (phrase, str(err.value))
     assert _files(out_dir) == []

@@ -25,6 +25,7 @@ import pathlib
 import time
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 from PIL import Image
 
@@ -232,14 +233,18 @@ def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *,
                                 guidance=dict(settings.guidance), seed=settings.seed, detect=False)  # fmt: skip
 
     videos: dict[int, np.ndarray] = {}
+    # Jobs whose inputs have the same structure and clip count render together, whatever the kind of
+    # emotion request (a label, a palette and speech alone differ only in values): one compiled
+    # sampler per batch size.
+    all_jobs = [job_of(item) for item in items]
     groups: dict[tuple, list[int]] = {}
-    for i, item in enumerate(items):  # one batch shape per kind of emotion input
-        groups.setdefault((item.kind == "speech", item.spec.kind), []).append(i)
+    for i, job in enumerate(all_jobs):
+        groups.setdefault((jax.tree_util.tree_structure(job.emotion), job.plan.num_clips), []).append(i)
     done = 0
     for indices in groups.values():
         for start in range(0, len(indices), batch_size):
             chunk = indices[start : start + batch_size]
-            jobs = [job_of(items[i]) for i in chunk]
+            jobs = [all_jobs[i] for i in chunk]
             for i, job, frames in zip(chunk, jobs, animator.render_jobs(jobs)):
                 videos[i] = frames
                 if videos_dir is not None:

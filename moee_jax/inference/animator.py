@@ -165,6 +165,7 @@ class Animator:
         latent, face features, per-clip audio features, emotion sources); no clip is sampled yet.
         Raises :class:`InputError` for any unusable input. Arguments as :meth:`animate` describes."""
         self.check_emotion(emotion)
+        sampling = sampling_settings(self.config, self.schedule, steps=steps, sampler=sampler, guidance=guidance)
         speech = audio if isinstance(audio, Speech) else inputs_lib.load_speech(audio)
         if isinstance(image, np.ndarray):
             picture, image_name = np.asarray(image, np.uint8), "image"
@@ -173,7 +174,6 @@ class Animator:
         portrait = inputs_lib.prepare_portrait(picture, self.size, detect=detect, name=f"--image {image_name}")
         plan = plan_clips(speech.wave.size, self.fps, self.clip_frames, self.motion_frames, self.context_frames)
         sources = self.emotion_sources(emotion, detect=detect)
-        sampling = sampling_settings(self.config, self.schedule, steps=steps, sampler=sampler, guidance=guidance)
         mel = windows = None  # the clips' audio inputs, before anything is compiled (encoder checks fail fast)
         if self.encoders.audio is None:
             mel = clip_audio_features(speech.wave, plan, self.mel_bins)
