@@ -77,14 +77,20 @@ def tiny_run(synthetic_tfds, tmp_path_factory):
     return _once_per_run(tmp_path_factory, "tiny_run", make)
 
 
-# Modules that take minutes on 2 CPU cores, longest first. Collecting them first lets
-# ``pytest -n 2 --dist loadfile`` start them early instead of leaving one worker with a long tail.
-_HEAVY_FIRST = ("test_train_stages.py", "test_animate.py", "test_analysis.py", "test_evaluate.py", "test_train_runtime.py", "test_moee_model.py", "test_eval.py")
+# Modules that take minutes on 2 CPU cores (cold compilation cache), longest first. Collecting them
+# first lets ``pytest -n 2 --dist loadfile`` start them early instead of leaving one worker with a
+# long tail. test_animate builds the shared ``tiny_run``; the other modules that read it come last,
+# so that their worker does not wait for it.
+_HEAVY_FIRST = ("test_animate.py", "test_moee_model.py", "test_unet_features.py", "test_sharding.py", "test_train_runtime.py",
+                "test_train_stages.py", "test_configs.py", "test_pipeline.py", "test_attention.py")  # fmt: skip
+_LAST = ("test_evaluate.py", "test_analysis.py")
 
 
 def pytest_collection_modifyitems(config, items):
     def rank(item):
         name = item.path.name
-        return _HEAVY_FIRST.index(name) if name in _HEAVY_FIRST else len(_HEAVY_FIRST)
+        if name in _HEAVY_FIRST:
+            return _HEAVY_FIRST.index(name)
+        return len(_HEAVY_FIRST) + 1 + _LAST.index(name) if name in _LAST else len(_HEAVY_FIRST)
 
     items.sort(key=rank)  # stable: the order inside each module is kept

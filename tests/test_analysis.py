@@ -174,6 +174,7 @@ def test_extraction_has_a_row_per_window_with_the_records_metadata(latents, synt
     assert extract.emotion_order(latents)[: len(extract.class_names(latents))] == extract.class_names(latents)
 
 
+@pytest.mark.slow  # needs the trained-run fixture and renders (~1–3 CPU minutes each, shared)
 def test_windows_are_drawn_as_the_pipeline_draws_them_and_are_seeded(run_dir, animator, synthetic_tfds):
     from moee_jax.data.pipeline import open_source
 
@@ -190,6 +191,7 @@ def test_windows_are_drawn_as_the_pipeline_draws_them_and_are_seeded(run_dir, an
     assert abs(windows[0]["frames"][0].astype(float).mean() - first.astype(float).mean()) < 2.0  # that frame, resized to 32²
 
 
+@pytest.mark.slow  # needs the trained-run fixture and renders (~1–3 CPU minutes each, shared)
 def test_the_embedder_comes_from_the_embedder_stage_and_is_absent_without_one(run_dir, animator, tmp_path):
     embedder = extract.load_embedder(run_dir, animator)
     assert embedder.module.dim == 16 and "visual" in embedder.params
@@ -198,6 +200,7 @@ def test_the_embedder_comes_from_the_embedder_stage_and_is_absent_without_one(ru
     assert extract.token_kinds(animator) == ("label", "audio")
 
 
+@pytest.mark.slow  # needs the trained-run fixture and renders (~1–3 CPU minutes each, shared)
 def test_video_emotion_sources_are_the_clips_own_masked_frames_and_speech(animator):
     sample = {
         "frames": np.full((4, 32, 32, 3), 255, np.uint8),
@@ -345,6 +348,7 @@ def assert_same_render(batched, alone):
     assert np.abs(batched.astype(int) - alone).max() <= 1 and np.mean(batched != alone) < 1e-3
 
 
+@pytest.mark.slow  # needs the trained-run fixture and renders (~1–3 CPU minutes each, shared)
 def test_latent_interpolation_ends_are_the_two_emotions_renders(animator, face_and_speech):
     face, speech = face_and_speech
     happy, sad = parse_emotion("happy"), parse_emotion("sad")
@@ -356,6 +360,7 @@ def test_latent_interpolation_ends_are_the_two_emotions_renders(animator, face_a
     assert all(np.abs(interp.frames[1].astype(int) - end).mean() > 1 for end in ends)
 
 
+@pytest.mark.slow  # needs the trained-run fixture and renders (~1–3 CPU minutes each, shared)
 def test_palette_interpolation_is_the_mixed_palette_with_one_emotion_palettes_at_the_ends(animator, face_and_speech):
     face, speech = face_and_speech
     interp = interpolation.interpolate(animator, face, speech, parse_emotion("happy"), parse_emotion("sad"), alphas=[0.0, 0.25],
@@ -365,6 +370,7 @@ def test_palette_interpolation_is_the_mixed_palette_with_one_emotion_palettes_at
     assert interpolation.palette_spec(np.eye(6)[1]).spec == "sadness:1"
 
 
+@pytest.mark.slow  # needs the trained-run fixture and renders (~1–3 CPU minutes each, shared)
 def test_latent_interpolation_refuses_a_palette_at_one_end_only(animator, face_and_speech):
     face, speech = face_and_speech
     with pytest.raises(ValueError, match="gate at one end only"):  # a label sets the gate, speech alone does not
@@ -479,6 +485,7 @@ def test_clustering_report_holds_the_embedder_table_then_the_pooled_and_token_ta
     assert set(tables["tokens"]) == {"tokens: label", "tokens: audio"}
 
 
+@pytest.mark.slow  # needs the trained-run fixture and renders (~1–3 CPU minutes each, shared)
 def test_cli_writes_the_clustering_table_and_figures(run_dir, animator, tmp_path, capsys, monkeypatch):
     from moee_jax.analysis.__main__ import main
 

@@ -427,6 +427,7 @@ def test_compound_palette_reaches_every_emotion_moe_as_the_global_gate(animator,
     assert all(np.all((g > 0) & (g < 1)) for g in learned)
 
 
+@pytest.mark.slow  # a second sampler compile (~0.5 CPU minute); with the null-branch specs of test_reference_sampling
 def test_dropped_audio_branch_is_what_training_saw_when_audio_was_dropped(animator, media):
     """Training drops audio by zeroing the windows before the projection (MoEESystem.encode); the
     unconditional audio branch of guidance must use the same tokens, not zeros."""

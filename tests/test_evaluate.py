@@ -42,6 +42,7 @@ def test_held_out_clips_are_the_test_speakers_with_a_neutral_portrait_clip(synth
     assert not train_speakers & set(clips)
 
 
+@pytest.mark.slow  # renders and scores 9 clips (~5 CPU minutes); `make demo` runs the same evaluation
 def test_evaluate_run_scores_every_emotion_compound_and_speech_only_clip(run_dir, reader, synthetic_tfds, tmp_path):
     clips = E.held_out_clips(*synthetic_tfds)
     speaker = sorted(clips)[0]

@@ -49,6 +49,7 @@ def test_event_file_is_a_tensorboard_event_file_without_tensorflow(tmp_path):
     assert path.name.startswith("events.out.tfevents.")
 
 
+@pytest.mark.slow  # imports TensorFlow (~0.5 CPU minute); the event file's format is checked without it
 def test_tensorflow_reads_the_event_file(tmp_path):
     """An independent reader: TensorFlow's own record and event parser (in a child process, so
     this one stays free of TensorFlow)."""

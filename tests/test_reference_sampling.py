@@ -23,6 +23,10 @@ from tests.train_helpers import fake_batch, wake
 B = 1
 
 
+# The tiny system's init and conditioning compile (~3.5 CPU minutes on 2 cores): the slow suite.
+# The default suite samples through the same code in test_animate (guided clips, palettes, nulls).
+pytestmark = pytest.mark.slow
+
 @pytest.fixture(scope="module")
 def model():
     """The tiny system with every zero-initialised output woken, and one clip's conditions."""

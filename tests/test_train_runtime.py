@@ -25,6 +25,7 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 
+@pytest.mark.slow  # trains a tiny stage to a non-finite loss (~1 CPU minute)
 def test_non_finite_steps_are_skipped_then_stop_the_run(synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
     trainer = Trainer(stage_config("vae", data_dir, steps=10, nan_patience=3), tmp_path)
@@ -38,6 +39,7 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(synthetic_tfds, tmp_path
         np.testing.assert_array_equal(value, init[path])
 
 
+@pytest.mark.slow  # trains on one mesh, restores on another (~1.5 CPU minutes); the sharded step is checked below
 def test_restore_onto_a_different_mesh(synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
     c = stage_config("vae", data_dir, steps=6)

@@ -75,6 +75,7 @@ def test_video_unet_matches_diffusers_unet_motion_model(torch, torch_models, inp
     assert rel_err(ours, ref.numpy().transpose(0, 2, 3, 4, 1)) < 1e-4
 
 
+@pytest.mark.slow  # a second full U-Net compile (~1 CPU minute); the motion modules' parity with diffusers stays in the default suite
 def test_temporal_layers_change_the_output(torch_models, inputs):
     """The motion weights are live: dropping them (fresh zero-init modules) changes the result."""
     unet = VideoUNet(ours_unet_config(motion_modules=True))
@@ -97,6 +98,7 @@ def test_original_animatediff_keys_map_to_diffusers_names():
     assert animatediff_key(animatediff_key(key)) == animatediff_key(key)
 
 
+@pytest.mark.slow  # a second full U-Net compile (~1 CPU minute); the motion modules' parity with diffusers stays in the default suite
 def test_new_modules_are_reported_as_initialised(torch_models):
     unet = VideoUNet(ours_unet_config(audio_dim=8))
     fresh = init_unet_params(unet, jax.random.key(0))
