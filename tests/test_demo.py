@@ -40,6 +40,17 @@ def test_a_missing_shipped_checkpoint_is_a_clear_error(tmp_path):
     assert not (tmp_path / "demo").exists()  # nothing created for a failed command
 
 
+def test_without_the_shipped_checkpoint_the_demo_trains_the_short_recipe():
+    from moee_jax.demo import short_recipe
+
+    c = demo.get_config("cpu")
+    short = short_recipe(c)
+    assert short.stages.stage1.train.steps == c.short_steps["stage1"] < c.stages.stage1.train.steps
+    assert short.stages.stage2.train.steps == c.short_steps["stage2"] and short.reader.steps == c.short_steps["reader"]
+    assert short.stages.stage1.train.warmup_steps <= c.short_steps["stage1"] // 10
+    assert c.stages.stage1.train.steps == 8000  # the full recipe is untouched
+
+
 @pytest.mark.slow  # several CPU minutes: `make test-slow`
 def test_demo_runs_end_to_end_from_scratch_and_a_rerun_reuses_everything(tmp_path):
     from moee_jax.demo import run_demo
