@@ -519,7 +519,37 @@ def run(argv: list[str] | None = None) -> None:
     if any(a in ("-h", "--help") for a in argv[2:]):
         print(command_help(command, set(flags.FLAGS) - before))
         sys.exit(0)
-    app.run(main, argv=[f"moee {command}"] + _config_paths([underscored(a) for a in argv[2:]]))
+    full = [f"moee {command}"] + _config_paths([underscored(a) for a in argv[2:]])
+    try:  # the flags (and --config with its overrides) as one line each, before absl's own parse
+        remaining = flags.FLAGS(full)
+        config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
+        if config is not None:
+            config.to_dict()  # a config file that failed to load raises its error on first use
+    except Exception as e:  # noqa: BLE001 - any parse failure is the user's input, reported as such
+        sys.exit(f"moee {command}: {flag_error(e, full[1:])}")
+    app.run(main, argv=full, flags_parser=lambda _: remaining)  # parsed above
+
+
+def flag_error(error: BaseException, args: list[str] = ()) -> str:
+    """One readable line for a flag or config error (``args``: the command line): ml_collections'
+    suggestion ("Did you mean …") and the last line of a config file's traceback instead of the
+    whole chain, with the flag it came from."""
+    text = str(error).replace("\\n", "\n").replace("\\'", "'")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if "Failed loading config file" in text:
+        shipped = ", ".join(sorted(p.name for p in CONFIGS.glob("*.py") if not p.name.startswith("_")))
+        return f"--config: cannot read {lines[-2] if len(lines) > 1 else 'the file'} ({lines[-1]}); give a path or a shipped config: {shipped}"
+    hint = next((line.strip("'\"") for line in lines if "Did you mean" in line), None)
+    if hint is not None:  # an unknown config field: name the override it came from
+        field = lines[0].strip("'\"")
+        flag = next((a.split("=")[0] for a in args if a.startswith("--config.") and a.split("=")[0].endswith("." + field)), None)
+        return f"{flag or '--config'}: no config field {field!r}. {hint}"
+    head = lines[0] if not lines[0].startswith("Traceback") else lines[-1]
+    if "Error whilst parsing config file" in lines[0]:
+        head = lines[0].split(": Error whilst")[0] + ": " + lines[-1]
+    return head
 
 
 def _config_paths(args: list[str]) -> list[str]:
