@@ -340,6 +340,12 @@ def _settings(f):
     return EvalSettings(steps=f["steps"].value, sampler=f["sampler"].value, seed=f["seed"].value)
 
 
+def _run_message(error: BaseException) -> str:
+    """A run-directory error as eval / ablate / ladder take the run (an argument or --run_dir, not
+    animate's --checkpoint)."""
+    return str(error).replace("--checkpoint: ", "RUN: ").replace("--checkpoint ", "RUN ")
+
+
 def _run_dir_arg(argv, flag, command: str) -> str:
     run_dir = flag.value or (argv[1] if len(argv) > 1 else None)
     if not run_dir:
@@ -387,7 +393,7 @@ def _eval() -> None:
             summary = evaluate_run(run_dir, reader, data_dir=data_dir.value, dataset=dataset.value, settings=_settings(f),
                                    videos_dir=out_dir / "videos", sheet_path=None)  # fmt: skip
         except (InputError, FileNotFoundError, ValueError) as e:
-            sys.exit(f"moee eval: {e}")
+            sys.exit(f"moee eval: {_run_message(e)}")
         out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
         (out_dir / "metrics.md").write_text(M.to_markdown(summary))
@@ -417,7 +423,7 @@ def _ablate() -> None:
             result = run_ablations(run_dir, out.value or pathlib.Path(run_dir) / "ablate", reader, variants=variants.value,
                                    steps=steps.value, settings=_settings(f))  # fmt: skip
         except (InputError, TrainingError, FileNotFoundError, ValueError) as e:
-            sys.exit(f"moee ablate: {e}")
+            sys.exit(f"moee ablate: {_run_message(e)}")
         print(result["table"])
 
     return main
@@ -449,7 +455,7 @@ def _ladder() -> None:
             result = run_ladder(run_dir, reader, data_dir=d, dataset=n, settings=_settings(f), rungs=rungs.value,
                                 identities=identities.value, overfit_steps=overfit_steps.value)  # fmt: skip
         except (InputError, TrainingError, FileNotFoundError, ValueError) as e:
-            sys.exit(f"moee ladder: {e}")
+            sys.exit(f"moee ladder: {_run_message(e)}")
         path = pathlib.Path(out.value or pathlib.Path(run_dir) / "ladder.json")
         path.write_text(ladder_json(result))
         print(f"{sum(r.passed for r in result)}/{len(result)} rungs pass; wrote {path}")

@@ -30,3 +30,14 @@ def test_config_errors_are_one_line_naming_the_flag(case, tmp_path):
     for phrase in phrases:
         assert phrase in message, (phrase, message)
     assert not run.exists()
+
+
+@pytest.mark.parametrize("command", ["eval", "ladder", "analyze"])
+def test_a_missing_run_is_one_line_and_nothing_is_created(command, tmp_path):
+    run = tmp_path / "no_such_run"
+    out = subprocess.run([sys.executable, "-m", "moee_jax.cli", command, str(run)], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode != 0 and "Traceback" not in out.stderr, out.stderr
+    message = out.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"moee {command}: ") and str(run) in message and "--checkpoint" not in message
+    assert not run.exists()

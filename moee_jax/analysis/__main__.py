@@ -48,8 +48,17 @@ def main(argv: list[str] | None = None) -> int:
         interpolate=not args.no_interpolation, pair=pair, alphas=args.alphas, steps=args.steps, seconds=args.seconds, seed=args.seed,
     )  # fmt: skip
     out = pathlib.Path(args.out) if args.out else pathlib.Path(args.run_dir) / "analysis"
-    summary = analyze_run(args.run_dir, out, data_dir=args.data_dir, dataset=args.dataset, settings=settings,
-                          progress=lambda message: print(message, file=sys.stderr))  # fmt: skip
+    if not pathlib.Path(args.run_dir).is_dir():
+        print(f"moee analyze: RUN {args.run_dir}: directory not found; pass the run directory of `moee train`", file=sys.stderr)
+        return 1
+    from moee_jax.checkpoint.run import RunError
+
+    try:
+        summary = analyze_run(args.run_dir, out, data_dir=args.data_dir, dataset=args.dataset, settings=settings,
+                              progress=lambda message: print(message, file=sys.stderr))  # fmt: skip
+    except (RunError, FileNotFoundError, ValueError) as e:
+        print(f"moee analyze: {str(e).replace('--checkpoint ', 'RUN ')}", file=sys.stderr)
+        return 1
     print((out / "clustering.md").read_text())
     print("wrote:\n  " + "\n  ".join(summary["files"]))
     return 0

@@ -108,10 +108,10 @@ def analyze_run(
 
     say = progress or (lambda message: None)
     out = pathlib.Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     if data_dir is None or dataset is None:
         data_dir, dataset = extract.run_dataset(run_dir)
-    animator = AnalysisAnimator.from_run(run_dir)
+    animator = AnalysisAnimator.from_run(run_dir)  # a missing or unfinished run fails here, before anything is written
+    out.mkdir(parents=True, exist_ok=True)
     say(f"extracting latents of {dataset} [{settings.split}]")
     latents = extract.extract_latents(
         run_dir, data_dir=data_dir, dataset=dataset, split=settings.split, windows_per_clip=settings.windows_per_clip,
