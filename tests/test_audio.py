@@ -155,6 +155,17 @@ def test_corrupt_file_raises_naming_it(tmp_path):
     assert str(path) in str(err.value)
 
 
+@pytest.mark.parametrize("channels", [1, 2])
+def test_nan_samples_are_named_as_such_not_as_an_undecodable_file(tmp_path, channels):
+    wave = np.full((1600, channels), 0.1, np.float32)
+    wave[100] = np.nan
+    path = tmp_path / "nan.wav"
+    sf.write(path, wave, 16000, subtype="FLOAT")
+    with pytest.raises(A.AudioError, match="NaN or infinite") as err:
+        A.load_audio(path)
+    assert str(path) in str(err.value) and "ffmpeg" not in str(err.value)
+
+
 def test_silent_audio_loads_and_is_reported_silent(tmp_path):
     path = tmp_path / "silence.wav"
     sf.write(path, np.zeros(SR, np.float32), SR)

@@ -75,6 +75,8 @@ def load_audio(
             warnings.filterwarnings("ignore", message=r"librosa\.core\.audio\.__audioread_load", category=FutureWarning)
             wave, native_sr = librosa.load(path, sr=None, mono=True)
     except Exception as e:  # decoders raise anything from RuntimeError to EOFError and struct.error
+        if "not finite" in str(e):  # librosa's own check of a decoded buffer: the file is fine, its samples are not
+            raise AudioError(f"audio file contains NaN or infinite samples: {path}; re-export it from the source") from None
         raise AudioError(
             f"could not decode audio file {path} ({_describe(e)}). Expected a complete WAV, "
             f"FLAC, OGG or MP3 file (other containers such as M4A need ffmpeg); re-export or convert "
