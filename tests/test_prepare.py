@@ -282,6 +282,14 @@ def test_manifest_without_a_required_column_names_file_and_column(tmp_path):
         manifest.read_manifest(path)
 
 
+def test_a_video_given_as_the_input_is_named_as_a_video_not_read_as_a_manifest(tmp_path):
+    video = tmp_path / "clip.mp4"
+    video.write_bytes(b"\x00\x00\x00\x18ftypmp42")
+    with pytest.raises(manifest.ManifestError, match="this is a video, not a manifest") as err:
+        manifest.load_inputs(video)
+    assert "clip.mp4" in str(err.value)
+
+
 @pytest.mark.parametrize(
     "row, field, words",
     [

@@ -269,6 +269,10 @@ def read_mead(root: str | os.PathLike) -> Inputs:
     return Inputs(clips, rejected)
 
 
+# Files --input takes for a video by mistake (a manifest is a .csv).
+VIDEO_SUFFIXES = (".mp4", ".mov", ".avi", ".mkv", ".webm", ".m4v", ".mpg", ".mpeg")
+
+
 def load_inputs(input_path: str | os.PathLike, *, manifest: str | os.PathLike | None = None, mead: bool = False) -> Inputs:
     """The clips named by the ``moee prepare`` inputs.
 
@@ -287,6 +291,11 @@ def load_inputs(input_path: str | os.PathLike, *, manifest: str | os.PathLike | 
     if input_path.is_file():
         if manifest is not None:
             raise ManifestError(input_path, "the input is already a manifest file; --manifest is for a video folder")
+        if input_path.suffix.lower() in VIDEO_SUFFIXES:
+            raise ManifestError(
+                input_path, "this is a video, not a manifest: give a manifest .csv (path, speaker, emotion) naming it, or "
+                "its folder with --manifest"
+            )  # fmt: skip
         return read_manifest(input_path)
     if not input_path.is_dir():
         raise ManifestError(input_path, "input not found (expected a folder of videos or a manifest .csv)")
