@@ -183,6 +183,7 @@ BAD_INPUTS = {
     "malformed_compound_emotion": _malformed_compound,
     "corrupt_audio": _corrupt_audio,
     "empty_audio": _empty_audio,
+    "audio_shorter_than_a_frame": lambda tmp: ({"audio": _write_wav(tmp / "1ms.wav", np.full(16, 0.1))}, ["1ms.wav", "shorter than one video frame"]),
     "nan_guidance_scale": lambda tmp: ({"guidance": {"audio": float("nan")}}, ["--cfg_audio", "finite"]),
 }
 

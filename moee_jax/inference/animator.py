@@ -37,6 +37,7 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from moee_jax.checkpoint.run import RunCheckpoint, load_run_config, resolve_checkpoint, restore_final
+from moee_jax.data.audio import SAMPLE_RATE
 from moee_jax.data.feature_cache import MANIFEST, read_run_manifest
 from moee_jax.diffusion import make_schedule
 from moee_jax.inference import inputs as inputs_lib
@@ -167,6 +168,11 @@ class Animator:
         self.check_emotion(emotion)
         sampling = sampling_settings(self.config, self.schedule, steps=steps, sampler=sampler, guidance=guidance)
         speech = audio if isinstance(audio, Speech) else inputs_lib.load_speech(audio)
+        if speech.wave.size < SAMPLE_RATE / self.fps:
+            raise InputError(
+                f"--audio {speech.path}: {1000 * speech.wave.size / SAMPLE_RATE:.1f} ms of audio is shorter than one video frame "
+                f"({1000 / self.fps:.0f} ms at {self.fps:g} fps); give the speech to animate"
+            )
         if isinstance(image, np.ndarray):
             picture, image_name = np.asarray(image, np.uint8), "image"
         else:
