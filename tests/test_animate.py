@@ -266,6 +266,7 @@ def test_stereo_48k_and_silent_audio_are_accepted(media, tmp_path):
     assert "silent" in silent.warnings[0] and "closed mouth" in silent.warnings[0]
 
 
+@pytest.mark.slow  # renders a second portrait layout (~0.7 CPU minute); the loading itself is specified just below
 def test_rgba_portrait_with_silent_stereo_48k_audio_makes_a_valid_video(animator, media, tmp_path):
     rgba = np.concatenate([media["face"], np.full((128, 128, 1), 255, np.uint8)], axis=-1)
     Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
@@ -273,6 +274,18 @@ def test_rgba_portrait_with_silent_stereo_48k_audio_makes_a_valid_video(animator
     result = animator.animate(tmp_path / "rgba.png", tmp_path / "silent48.wav", parse_emotion("sad"), steps=STEPS, detect=False)
     assert result.frames.shape == (13, 32, 32, 3) and result.frames.dtype == np.uint8
     assert any("silent" in w for w in result.warnings) and result.settings["warnings"] == result.warnings
+
+
+def test_rgba_is_composited_on_white_and_silent_stereo_48k_loads_as_mono_16k_with_a_warning(tmp_path):
+    rgba = np.zeros((64, 64, 4), np.uint8)
+    rgba[..., 0], rgba[:32, :, 3], rgba[32:, :, 3] = 200, 255, 0  # opaque red top half, transparent bottom half
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")
+    rgb = inputs_lib.load_image(tmp_path / "rgba.png")
+    assert rgb.shape == (64, 64, 3) and rgb.dtype == np.uint8
+    np.testing.assert_array_equal(rgb[0, 0], [200, 0, 0])
+    np.testing.assert_array_equal(rgb[-1, -1], [255, 255, 255])
+    speech = inputs_lib.load_speech(_write_wav(tmp_path / "silent48.wav", np.zeros((48000 // 2, 2)), 48000))
+    assert speech.wave.shape == (SAMPLE_RATE // 2,) and any("silent" in w for w in speech.warnings)
 
 
 def test_face_is_detected_cropped_and_pasted_back_into_the_photo(media):
@@ -445,6 +458,7 @@ def test_dropped_audio_branch_is_what_training_saw_when_audio_was_dropped(animat
     assert float(jnp.abs(cond.null_audio).max()) > 0  # the projection's biases: zero tokens would differ
 
 
+@pytest.mark.slow  # a third sampler compile, speech-only (~0.7 CPU minute)
 def test_emotion_from_audio_drops_the_label_and_keeps_the_speech(animator, media):
     face, audio = media["dir"] / "face.png", media["dir"] / "speech.wav"
     job = animator.prepare(face, audio, parse_emotion(emotion_from_audio=True), steps=STEPS, detect=False)
