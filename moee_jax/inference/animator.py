@@ -74,7 +74,6 @@ class Animator:
         self.config, self.params, self.source = config, params, source
         self.encoders = ModelEncoders.of_model(config, features, features_path, audio_encoder=audio_encoder,
                                                text_encoder=text_encoder, source=source)  # fmt: skip
-        self.text_encoder_path = self.encoders.text_folder
         self._audio_encoder = None
         self.checkpoint: RunCheckpoint | None = None
         self.system = MoEESystem(config)
