@@ -10,6 +10,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
   eval      score a run on held-out synthetic identities (emotion, AUs, compounds, lip sync, identity)
   ablate    train and score MoEE's stage-2 ablations from a run's stage 1; prints the paper-form table
   ladder    the diagnostic ladder of a run: instrument ceiling → overfit one clip → … → held-out, pass / fail
+  verify    check a run's checkpoints: each stage's export against its checksums, each training checkpoint read
   analyze   latent-space analysis of a run: clustering strength, PCA / t-SNE, gates, interpolations
 """
 
@@ -464,8 +465,32 @@ def _ladder() -> None:
     return main
 
 
+def _verify() -> None:
+    run_flag = flags.DEFINE_string("run_dir", None, "Run directory of `moee train` (or give it as the argument).")
+
+    def main(argv):
+        import pathlib
+
+        from moee_jax.checkpoint.integrity import verify_run
+        from moee_jax.checkpoint.run import STAGES
+
+        run_dir = _run_dir_arg(argv, run_flag, "verify")
+        if not pathlib.Path(run_dir).is_dir():
+            sys.exit(f"moee verify: RUN {run_dir}: directory not found; pass the run directory of `moee train`")
+        reports = verify_run(run_dir, STAGES)
+        if not reports:
+            sys.exit(f"moee verify: RUN {run_dir}: no stage folder ({', '.join(STAGES)}) here; is this a run directory?")
+        for report in reports:
+            print("\n".join(report.lines()))
+        bad = [r.stage for r in reports if not r.ok]
+        print(f"{run_dir}: " + (f"damaged: {', '.join(bad)}" if bad else "every checkpoint intact"))
+        sys.exit(1 if bad else 0)
+
+    return main
+
+
 COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "features": _features, "animate": _animate,
-            "eval": _eval, "ablate": _ablate, "ladder": _ladder}  # fmt: skip
+            "eval": _eval, "ablate": _ablate, "ladder": _ladder, "verify": _verify}  # fmt: skip
 
 EXAMPLES = {
     "convert": "moee convert --unet sd15/unet --vae sd15/vae --motion_adapter mm_sd_v15_v2.safetensors --out checkpoints/sd15",
@@ -477,6 +502,7 @@ EXAMPLES = {
     "eval": "moee eval runs/r1 --steps 10",
     "ablate": "moee ablate runs/r1 --variants full,no_moe",
     "ladder": "moee ladder runs/r1 --rungs ceiling,overfit",
+    "verify": "moee verify runs/r1",
 }
 
 

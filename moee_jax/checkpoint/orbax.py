@@ -1,7 +1,8 @@
 """Orbax I/O for parameter trees (converted weights; the trainer's managers build on the same calls).
 
 A parameter checkpoint is a directory holding ``params/`` (an Orbax ``StandardCheckpointer``
-tree) and ``metadata.json`` (what it holds, the config it fits, and its provenance).
+tree), ``metadata.json`` (what it holds, the config it fits, and its provenance) and
+``checksums.json`` (:mod:`moee_jax.checkpoint.integrity`), verified before every read.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ import pathlib
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
+
+from moee_jax.checkpoint.integrity import ensure_intact, write_manifest
 
 
 def _path(directory) -> epath.Path:
@@ -29,7 +32,13 @@ def save_params(directory: str | pathlib.Path, params: dict, metadata: dict) -> 
     with ocp.StandardCheckpointer() as ckptr:
         ckptr.save(directory / "params", params)
         ckptr.wait_until_finished()
-    (directory / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+    if jax.process_index() == 0:  # one writer, so the manifest never hashes a file another process rewrites
+        (directory / "metadata.json").write_text(json.dumps(metadata, indent=2, sort_keys=True))
+        write_manifest(directory)
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices("moee_save_params_manifest")
     return directory
 
 
@@ -46,6 +55,7 @@ def restore_params(directory: str | pathlib.Path, abstract: dict | None = None) 
     directory = _path(directory)
     if not (directory / "params").exists():
         raise FileNotFoundError(f"{directory}: no params/ inside; is this a moee_jax parameter checkpoint?")
+    ensure_intact(directory)
     with ocp.StandardCheckpointer() as ckptr:
         if abstract is None:
             return ckptr.restore(directory / "params")

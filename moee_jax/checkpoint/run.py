@@ -26,6 +26,7 @@ import jax
 import orbax.checkpoint as ocp
 from etils import epath
 
+from moee_jax.checkpoint import integrity
 from moee_jax.checkpoint.orbax import restore_params, save_params
 
 log = logging.getLogger("moee_jax.checkpoint")
@@ -218,6 +219,7 @@ def restore_parts(
 
     cur = {part: traverse_util.flatten_dict(tree) for part, tree in current.items()}
     shard = {part: traverse_util.flatten_dict(tree) for part, tree in shardings.items()}
+    _intact(path)
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path / "params").item_metadata.tree
         absent = sorted(set(current) - set(stored))
@@ -259,12 +261,20 @@ def restore_parts(
     return out
 
 
+def _intact(path) -> None:
+    try:
+        integrity.ensure_intact(path)
+    except integrity.DamagedCheckpoint as e:
+        raise RunError(str(e)) from None
+
+
 def restore_subtree(path, abstract: dict) -> dict:
     """Restore the parts in ``abstract`` (ShapeDtypeStructs with shardings) from a params checkpoint.
 
     Parts the checkpoint holds but ``abstract`` does not name are read replicated and dropped, so
     this works on any number of hosts without knowing how the checkpoint was sharded.
     """
+    _intact(path)
     with ocp.StandardCheckpointer() as ckptr:
         stored = ckptr.metadata(path / "params").item_metadata.tree
         missing = sorted(set(abstract) - set(stored))
@@ -356,3 +366,44 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, ite
 
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator))
     return manager.restore(step, args=args).state
+
+
+DAMAGED_PREFIX = "damaged."
+
+
+def restore_newest(manager: ocp.CheckpointManager, abstract_state, iterator) -> tuple[object, int, list[str]]:
+    """The newest *readable* training checkpoint: ``(state, step, set_aside)``.
+
+    A checkpoint that fails to restore is read once more without the model's structure
+    (:func:`~moee_jax.checkpoint.integrity.read_test`). If that read fails too, its bytes are
+    damaged (a truncated or corrupted file, an interrupted copy): it is logged, renamed to
+    ``damaged.<step>`` beside the others (kept for inspection, out of Orbax's way) and the one
+    before it is tried. If it reads, the checkpoint is sound but does not fit this config: that is
+    a :class:`RunError`, and nothing is renamed. All damaged: :class:`RunError` (a re-run then starts
+    the stage from its beginning).
+    """
+    set_aside: list[str] = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        step_dir = run_path(manager.directory) / str(step)
+        try:
+            return restore_state(manager, step, abstract_state, iterator), step, set_aside
+        except Exception as e:  # noqa: BLE001 - Orbax/TensorStore raise many types; classified just below
+            reason = integrity.read_test(step_dir)
+            if reason is None:
+                raise RunError(
+                    f"{step_dir}: the checkpoint reads but does not fit this config ({integrity._reason(e)}); resume with "
+                    "the config the stage was started with (RUN/<stage>/config.json), or train into a new --run_dir"
+                ) from None
+        log.error("checkpoint %s is damaged (%s); set aside as %s%d, trying the one before", step_dir, reason, DAMAGED_PREFIX, step)
+        set_aside.append(f"{step_dir} ({reason})")
+        if jax.process_index() == 0:
+            step_dir.rename(step_dir.parent / f"{DAMAGED_PREFIX}{step}")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"moee_set_aside_{step}")
+        manager.reload()
+    raise RunError(
+        f"{run_path(manager.directory)}: every training checkpoint is damaged ({'; '.join(set_aside)}); they are kept as "
+        f"{DAMAGED_PREFIX}<step>. Run the same command again to train the stage from its beginning."
+    )

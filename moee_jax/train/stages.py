@@ -205,7 +205,11 @@ def _diffusion_stage(config, name: str) -> Stage:
     def diagnostics(params, batch, rng):
         """Whether the emotion condition is used: the latent loss on the same noise and timesteps
         (reference and audio kept) with the true label, the labels rolled by one across the batch,
-        and the emotion dropped."""
+        and the emotion dropped.
+
+        The loss here is *unweighted* (no min-SNR factor): the label decides the coarse expression at
+        high noise, exactly where min-SNR-γ's v-prediction weight ``min(SNR, γ)/(SNR + 1)`` vanishes
+        (0 at a zero-terminal-SNR step), so a weighted gap would read 0 even when the label is used."""
         b = batch["palette"].shape[0]
         keep = jnp.zeros((b,), bool)
         true = dict(batch, drop_reference=keep, drop_audio=keep, emotion_drop=jnp.broadcast_to(jnp.array(LABEL_ONLY), (b, 3)))
@@ -217,7 +221,7 @@ def _diffusion_stage(config, name: str) -> Stage:
         values = {}
         for tag, variant in variants.items():
             _, _, t, _, target, _, out = denoise(params, variant, rng)
-            values[tag] = jnp.mean(latent(out, target, t, batch["loss_mask"]))
+            values[tag] = jnp.mean(losses.latent_loss(out.prediction, target, batch["loss_mask"]))
         return {
             "loss_true_emotion": values["true"],
             "shuffle_gap": values["shuffled"] - values["true"],

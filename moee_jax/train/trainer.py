@@ -267,7 +267,11 @@ class Trainer:
             "skipped_clips": pipeline.num_skipped}))  # fmt: skip
         latest = manager.latest_step()
         if latest is not None:
-            state = run_lib.restore_state(manager, latest, self.abstract_state, iterator)
+            try:  # the newest readable checkpoint; damaged ones are set aside and named in the log
+                state, latest, _ = run_lib.restore_newest(manager, self.abstract_state, iterator)
+            except run_lib.RunError as e:
+                manager.close()
+                raise TrainingError(str(e)) from None
             log.info("resumed %s at step %d from %s", cfg.stage, latest, self.layout.checkpoints(cfg.stage))
         else:
             state = self.init_state()
