@@ -72,8 +72,10 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         s.train.warmup_steps = 200 if stage == "stage1" else 50
         s.train.schedule = "cosine"
         s.train.ema_decay = 0.999
-        if stage in ("stage1", "stage2"):
-            s.train.min_snr_gamma = 5.0
+        # Uniform v-prediction loss, no min-SNR-γ: its v weight min(SNR, γ)/(SNR + 1) vanishes at high
+        # noise (0 at the zero-terminal-SNR step), exactly where the label decides the expression; with
+        # γ = 5 the label-only overfit of one identity read 2 of 7 labels, without it 5 of 7
+        # (benchmarks/RESULTS.md, "min-SNR and the label").
         if stage == "stage1":
             s.train.joint_emotion = True
         s.checkpoint.every_steps = 500
