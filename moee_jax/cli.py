@@ -10,6 +10,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
   eval      score a run on held-out synthetic identities (emotion, AUs, compounds, lip sync, identity)
   ablate    train and score MoEE's stage-2 ablations from a run's stage 1; prints the paper-form table
   ladder    the diagnostic ladder of a run: instrument ceiling → overfit one clip → … → held-out, pass / fail
+  serve     a web page (Gradio) to animate portraits with a run's model, on 127.0.0.1
   verify    check a run's checkpoints: each stage's export against its checksums, each training checkpoint read
   analyze   latent-space analysis of a run: clustering strength, PCA / t-SNE, gates, interpolations
 """
@@ -465,6 +466,44 @@ def _ladder() -> None:
     return main
 
 
+def _serve() -> None:
+    checkpoint = flags.DEFINE_string("checkpoint", "outputs/demo/run", "Run directory holding a finished stage2 (default: the demo's).")
+    host = flags.DEFINE_string("host", "127.0.0.1", "Address to listen on (0.0.0.0 exposes the page to your network).")
+    port = flags.DEFINE_integer("port", 7860, "Port to listen on.")
+    share = flags.DEFINE_bool("share", False, "Also publish a temporary public gradio.live link.")
+    queue_size = flags.DEFINE_integer("queue_size", 8, "Requests that may wait behind the running one; more are told the queue is full.")
+    max_upload_mb = flags.DEFINE_float("max_upload_mb", 20.0, "Largest upload accepted, in MB.")
+    warmup = flags.DEFINE_bool("warmup", True, "Compile the model at start by rendering one short clip.")
+    text_encoder = flags.DEFINE_string("text_encoder", None, "T5 encoder folder (models with a text emotion source).")
+    audio_encoder = flags.DEFINE_string("audio_encoder", None, "wav2vec2 folder of a model trained on a feature cache.")
+
+    def main(argv):
+        del argv
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.WARNING)
+        try:
+            import gradio  # noqa: F401
+        except ImportError:
+            sys.exit("moee serve: the web page needs Gradio: pip install 'moee_jax[ui]' (or pip install gradio)")
+        from moee_jax.checkpoint.run import RunError
+        from moee_jax.inference.inputs import InputError
+        from moee_jax.ui.app import serve
+
+        if not 0 < port.value < 65536 or queue_size.value < 0 or not max_upload_mb.value > 0:
+            sys.exit("moee serve: --port must be in 1..65535, --queue_size >= 0 and --max_upload_mb > 0")
+        try:
+            serve(checkpoint.value, host=host.value, port=port.value, share=share.value, queue_size=queue_size.value,
+                  max_upload_mb=max_upload_mb.value, warmup=warmup.value, text_encoder=text_encoder.value,
+                  audio_encoder=audio_encoder.value)  # fmt: skip
+        except (InputError, RunError) as e:
+            sys.exit(f"moee serve: {e}")
+        except OSError as e:
+            sys.exit(f"moee serve: cannot listen on {host.value}:{port.value} ({e}); choose another --port")
+
+    return main
+
+
 def _verify() -> None:
     run_flag = flags.DEFINE_string("run_dir", None, "Run directory of `moee train` (or give it as the argument).")
 
@@ -490,7 +529,7 @@ def _verify() -> None:
 
 
 COMMANDS = {"convert": _convert, "demo": _demo, "train": _train, "prepare": _prepare, "features": _features, "animate": _animate,
-            "eval": _eval, "ablate": _ablate, "ladder": _ladder, "verify": _verify}  # fmt: skip
+            "eval": _eval, "ablate": _ablate, "ladder": _ladder, "serve": _serve, "verify": _verify}  # fmt: skip
 
 EXAMPLES = {
     "convert": "moee convert --unet sd15/unet --vae sd15/vae --motion_adapter mm_sd_v15_v2.safetensors --out checkpoints/sd15",
@@ -502,6 +541,7 @@ EXAMPLES = {
     "eval": "moee eval runs/r1 --steps 10",
     "ablate": "moee ablate runs/r1 --variants full,no_moe",
     "ladder": "moee ladder runs/r1 --rungs ceiling,overfit",
+    "serve": "moee serve --checkpoint outputs/demo/run --port 7860",
     "verify": "moee verify runs/r1",
 }
 

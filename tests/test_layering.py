@@ -18,7 +18,7 @@ LAYERS = {
     "models": 1, "checkpoint": 2, "data": 3,
     "train": 4,
     "inference": 5, "eval": 6, "analysis": 7,
-    "demo": 8, "cli": 9, "configs": 0,
+    "demo": 8, "ui": 8, "cli": 9, "configs": 0,
 }  # fmt: skip
 # The layers the issue tracker names: the model and data never depend on what uses them.
 FOUNDATIONS = ("models", "nn", "diffusion", "data")

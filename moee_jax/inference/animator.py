@@ -228,6 +228,11 @@ class Animator:
         )  # fmt: skip
         return latents, np.asarray(pixels[0])
 
+    def compiled_programs(self) -> int:
+        """How many programs the model's jitted preparation and clip step hold (a request whose
+        shapes were seen before adds none)."""
+        return int(self._prepare._cache_size() + self._clip_step._cache_size())
+
     def animate(
         self,
         image: str | os.PathLike | np.ndarray,

@@ -1,0 +1,1 @@
+"""The web page of `moee serve` (:mod:`moee_jax.ui.app`)."""
