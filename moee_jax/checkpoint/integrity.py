@@ -107,11 +107,12 @@ def read_test(step_dir: epath.Path) -> str | None:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.restore(epath.Path(step_dir) / "state")
     except Exception as e:  # noqa: BLE001 - TensorStore, Orbax and the OS raise many types for damaged bytes
-        return _reason(e)
+        return describe_error(e)
     return None
 
 
-def _reason(error: BaseException) -> str:
+def describe_error(error: BaseException) -> str:
+    """An exception as ``"Type: first line"`` (at most 300 characters of it), for one-line reports."""
     first = str(error).strip().splitlines()[0] if str(error).strip() else ""
     return f"{type(error).__name__}: {first[:300]}"
 
@@ -158,7 +159,7 @@ def _read_params(export: epath.Path) -> str | None:
         with ocp.StandardCheckpointer() as ckptr:
             ckptr.restore(export / "params")
     except Exception as e:  # noqa: BLE001 - see read_test
-        return _reason(e)
+        return describe_error(e)
     return None
 
 

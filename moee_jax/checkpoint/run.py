@@ -391,7 +391,7 @@ def restore_newest(manager: ocp.CheckpointManager, abstract_state, iterator) -> 
             reason = integrity.read_test(step_dir)
             if reason is None:
                 raise RunError(
-                    f"{step_dir}: the checkpoint reads but does not fit this config ({integrity._reason(e)}); resume with "
+                    f"{step_dir}: the checkpoint reads but does not fit this config ({integrity.describe_error(e)}); resume with "
                     "the config the stage was started with (RUN/<stage>/config.json), or train into a new --run_dir"
                 ) from None
         log.error("checkpoint %s is damaged (%s); set aside as %s%d, trying the one before", step_dir, reason, DAMAGED_PREFIX, step)
