@@ -212,7 +212,8 @@ def test_two_requests_at_once_finish_in_order_on_one_compiled_model(server, medi
     name = "/generate"
     args = dict(image=handle_file(str(media["dir"] / "face.png")), detect=False, audio=handle_file(str(media["dir"] / "speech.wav")),
                 mode="label", label="happy", intensity=1.0, happiness=0, sadness=0, anger=0, disgust=0, fear=0, surprise=0,
-                text="", video=None, steps=2, seed=0, cfg_reference=1.0, cfg_audio=1.0, cfg_emotion=3.0)  # fmt: skip
+                text="", video=None, steps=2, seed=0, cfg_reference=2.0, cfg_audio=3.5, cfg_emotion=3.5)  # fmt: skip
+    # (the page's default scales for this run: the program the page test compiled serves these too)
     first = client.submit(**args, api_name=name)
     deadline = time.time() + 60
     while first.status().code.name in ("STARTING", "JOINING_QUEUE") and time.time() < deadline:
