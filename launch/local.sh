@@ -84,13 +84,25 @@ for ((i = 0; i < NPROC; i++)); do
 done
 echo "launch/local.sh: $NPROC processes (pids ${pids[*]}), coordinator 127.0.0.1:$port" >&2
 
+# Poll rather than `wait -n`: a process that exits before `wait -n` is reached can go unreported on
+# a loaded machine, and the others would then run on alone.
 status=0
-for ((n = 0; n < NPROC; n++)); do
-  wait -n && continue
-  status=$?
-  echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
-  stop_all
-  wait || true
-  break
+declare -A finished=()
+while ((${#finished[@]} < NPROC)); do
+  for pid in "${pids[@]}"; do
+    [[ -n "${finished[$pid]:-}" ]] && continue
+    kill -0 "$pid" 2>/dev/null && continue
+    code=0
+    wait "$pid" || code=$?
+    finished[$pid]=1
+    if ((code != 0)); then
+      status=$code
+      echo "launch/local.sh: a process exited with status $status; stopping the others" >&2
+      stop_all
+      wait || true
+      exit "$status"
+    fi
+  done
+  sleep 0.2
 done
 exit "$status"
