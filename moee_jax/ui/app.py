@@ -177,15 +177,16 @@ def build_app(animator, folder: pathlib.Path, *, examples: list[str] = (), queue
                 audio = gr.Audio(label="speech", type="filepath", sources=["upload", "microphone"], elem_id="speech")
             with gr.Column():
                 mode = gr.Radio(list(modes.names), value=modes.names[0], label="emotion from", elem_id="mode")
-                with gr.Group(visible=MODE_LABEL in modes.names[:1]) as label_box:
+                first = modes.names[0]
+                with gr.Group(visible=first == MODE_LABEL) as label_box:
                     label = gr.Dropdown(list(LABELS), value="happy", label="label", elem_id="label")
                     intensity = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="intensity", elem_id="intensity")
-                with gr.Group(visible=False) as palette_box:
+                with gr.Group(visible=first == MODE_PALETTE) as palette_box:
                     sliders = [gr.Slider(0.0, 1.0, value=0.0, step=0.05, label=ADJECTIVE[e], elem_id=f"palette_{e}") for e in EMOTIONS]
                     with gr.Row():
                         presets = {name: gr.Button(name.replace("_", " "), size="sm", elem_id=f"preset_{name}") for name in COMPOUND_EMOTIONS}
-                text = gr.Textbox(label="emotion text", visible=False, elem_id="emotion_text")
-                video = gr.Video(label="reference clip", visible=False, sources=["upload"], elem_id="reference_clip")
+                text = gr.Textbox(label="emotion text", visible=first == MODE_TEXT, elem_id="emotion_text")
+                video = gr.Video(label="reference clip", visible=first == MODE_VIDEO, sources=["upload"], elem_id="reference_clip")
                 with gr.Accordion("sampling", open=False):
                     steps = gr.Slider(1, 100, value=steps_default, step=1, label="steps", elem_id="steps")
                     seed = gr.Number(value=0, precision=0, label="seed", elem_id="seed")
