@@ -270,8 +270,7 @@ def _first_mode_emotion(animator) -> str:
 
 
 def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 7860, share: bool = False, queue_size: int = 8,
-          max_upload_mb: float = 20.0, warmup: bool = True, text_encoder: str | None = None, audio_encoder: str | None = None,
-          on_ready=None) -> None:  # fmt: skip
+          max_upload_mb: float = 20.0, warmup: bool = True, text_encoder: str | None = None, audio_encoder: str | None = None) -> None:  # fmt: skip
     """Load the model, compile it, and serve the page until interrupted; the private folder is removed on exit."""
     folder = pathlib.Path(tempfile.mkdtemp(prefix="moee_serve_"))
     os.environ.setdefault("GRADIO_TEMP_DIR", str(folder / "uploads"))  # Gradio's copies of uploads stay in the folder too
@@ -285,13 +284,11 @@ def serve(checkpoint: str, *, host: str = "127.0.0.1", port: int = 7860, share: 
         page.launch(server_name=host, server_port=port, share=share, max_file_size=f"{max_upload_mb:g}mb", prevent_thread_lock=True,
                     allowed_paths=[str(folder)], show_error=True, quiet=True)  # fmt: skip
         print(f"moee serve: {page.local_url} (Ctrl-C stops it)", flush=True)
-        if on_ready is not None:
-            on_ready(page)
         try:
             while True:
                 time.sleep(1)
         except KeyboardInterrupt:
-            pass
+            print("moee serve: stopped; the page's files are removed", flush=True)
         finally:
             page.close()
     finally:
