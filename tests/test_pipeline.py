@@ -120,9 +120,18 @@ def test_emotion_modes_keep_exactly_one_modality_unless_the_emotion_is_dropped(s
     np.testing.assert_array_equal(drop[dropped], True)  # (text, speech, label) all dropped
     kept = drop[~dropped]
     assert np.all((~kept).sum(1) == 1) and not np.any(~kept[:, 0])  # one of speech / label, never text (p = 0)
-    speech_share = (~kept[:, 1]).mean()
+    voice_matches = np.array([source[int(k)]["speech_emotion"] == source[int(k)]["emotion"] for k in b["clip_key"][~dropped]])
+    speech_share = (~kept[voice_matches, 1]).mean()  # speech is a source only where the voice matches
     assert 0.1 < speech_share < 0.55
     assert 0.05 < dropped.mean() < 0.4
+
+
+def test_speech_is_the_emotion_source_only_where_the_voice_expresses_the_emotion(source):
+    b = _concat(_batches(source, 8, emotion_speech_p=1.0))
+    voices = [source[int(k)]["speech_emotion"] == source[int(k)]["emotion"] for k in b["clip_key"]]
+    kept_speech = ~b["emotion_drop"][:, 1]
+    assert any(voices) and not all(voices)  # the tiny data has both kinds of clip
+    np.testing.assert_array_equal(kept_speech, voices)  # a neutral voice under an emotional face: the label
 
 
 def test_class_balanced_sampling_draws_every_class_about_equally(source):

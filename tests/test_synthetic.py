@@ -170,6 +170,19 @@ def test_prosody_depends_on_emotion():
     assert syllables(clips["sadness"]) < syllables(clips["anger"])
 
 
+def test_a_neutral_voice_under_an_emotional_face():
+    angry = S.generate_clip(7, "anger", 1.0, seed=3, num_frames=20, speech_emotion="neutral")
+    neutral = S.generate_clip(7, "neutral", 0.0, seed=3, num_frames=20)
+    expressive = S.generate_clip(7, "anger", 1.0, seed=3, num_frames=20)
+    np.testing.assert_array_equal(angry.audio, neutral.audio)  # the neutral voice, word for word
+    np.testing.assert_array_equal(angry.mouth_opening, neutral.mouth_opening)  # the mouth follows it
+    assert angry.emotion == expressive.emotion == "anger" and angry.speech_emotion == "neutral"
+    jaw = S.ACTION_UNITS.index("AU26")
+    static = [i for i in range(len(S.ACTION_UNITS)) if i != jaw]
+    np.testing.assert_array_equal(angry.action_units[:, static], expressive.action_units[:, static])  # the angry face
+    assert expressive.speech_emotion == "anger"
+
+
 def test_masks_from_the_landmark_groups_nest():
     clip = S.generate_clip(9, "fearfully_surprised", 1.0, seed=4, num_frames=6)
     face, lip = M.masks_from_landmarks(clip.landmarks, 64, 64, G["face_oval"], G["lips"])

@@ -60,6 +60,21 @@ def test_records_are_exactly_the_generator_output(splits):
     assert got["text"].decode() == want["text"] and got["emotion_class"] == -1
 
 
+def test_a_share_of_emotional_training_clips_has_a_neutral_voice(splits):
+    from moee_jax.data.builders.synthetic_talking_faces import SyntheticTalkingFaces, clip_specs
+
+    config = SyntheticTalkingFaces.builder_configs["tiny"]
+    train = clip_specs(config, "train")
+    emotional = [s for s in train if s.emotion != "neutral"]
+    neutral_voice = [s for s in emotional if s.speech_emotion == "neutral"]
+    assert 0.3 < len(neutral_voice) / len(emotional) < 0.7  # neutral_voice_p = 0.5
+    assert all(s.speech_emotion is None for s in clip_specs(config, "test"))  # held out: voice matches face
+    stored = {r["id"].decode(): r["speech_emotion"].decode() for r in (splits["train"][i] for i in range(len(splits["train"])))}
+    for spec in train:
+        key = f"id{spec.identity:04d}/{spec.emotion}_{spec.intensity:.2f}_{spec.seed:010d}"
+        assert stored[key] == (spec.speech_emotion or spec.emotion)
+
+
 def test_readable_by_grain_in_a_process_that_never_imports_tensorflow(synthetic_tfds):
     data_dir, name = synthetic_tfds
     script = textwrap.dedent("""

@@ -36,7 +36,7 @@ def built(tmp_path_factory):
 
 
 def _records(data_dir: pathlib.Path, split: str) -> dict[str, dict]:
-    source = tfds.builder_from_directory(str(data_dir / NAME / "1.0.0")).as_data_source()[split]
+    source = tfds.builder_from_directory(str(data_dir / NAME / "1.1.0")).as_data_source()[split]
     return {r["id"].decode(): r for r in (source[i] for i in range(len(source)))}
 
 

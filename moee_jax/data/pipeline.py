@@ -353,13 +353,16 @@ class MakeSample(grain.transforms.RandomMap):
         r = j if j < before[s_i] else s + f - 1 + d + (j - before[s_i])
         return s, r
 
-    def _emotion_modes(self, drop_all: bool, rng: np.random.Generator) -> np.ndarray:
+    def _emotion_modes(self, drop_all: bool, rng: np.random.Generator, voice_matches: bool = True) -> np.ndarray:
         """``(3,)`` drop flags over (text, speech, label): all for a dropped emotion, else one mode
-        kept — speech (``emotion_speech_p``), text (``emotion_text_p``) or the label."""
+        kept — speech (``emotion_speech_p``), text (``emotion_text_p``) or the label. Speech is the
+        source only where the voice expresses the clip's emotion (``voice_matches``); else the label."""
         if drop_all:
             return np.ones(3, np.bool_)
         u = rng.random()
         keep = 1 if u < self.cfg.emotion_speech_p else 0 if u < self.cfg.emotion_speech_p + self.cfg.emotion_text_p else 2
+        if keep == 1 and not voice_matches:
+            keep = 2
         flags = np.ones(3, np.bool_)
         flags[keep] = False
         return flags
@@ -400,7 +403,9 @@ class MakeSample(grain.transforms.RandomMap):
 
         drop_all = rng.random() < cfg.drop_all_p
         drops = [drop_all or rng.random() < p for p in (cfg.drop_reference_p, cfg.drop_audio_p, cfg.drop_emotion_p)]
-        emotion_drop = self._emotion_modes(drops[2], rng)
+        # Records written before the speech_emotion feature have a voice that matches the face.
+        voice_matches = "speech_emotion" not in record or _text(record["speech_emotion"]) == _text(record["emotion"])
+        emotion_drop = self._emotion_modes(drops[2], rng, voice_matches)
 
         audio = audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
                               f + 2 * cfg.audio_context_frames)  # fmt: skip

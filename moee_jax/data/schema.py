@@ -21,6 +21,8 @@ feature            shape / dtype           meaning
 ``palette``        ``(6,)`` float32        weights over :data:`~moee_jax.emotions.EMOTIONS`
 ``intensity``      float32                 emotion intensity in ``[0, 1]``
 ``text``           text                    emotion description ("a sadly fearful person speaking")
+``speech_emotion`` text                    the emotion the voice expresses: ``emotion`` for real data;
+                                           ``neutral`` for synthetic clips drawn with a neutral voice
 ``action_units``   ``(T', 11)`` float32    ground-truth AUs per frame (synthetic); ``T' = 0`` for real data
 ``identity``       ``(P,)`` float32        identity parameters (synthetic, :func:`identity_vector`); empty for real
 =================  ======================  ============================================================
@@ -86,6 +88,7 @@ def features():
         "palette": tfds.features.Tensor(shape=(len(EMOTIONS),), dtype=f32),
         "intensity": tfds.features.Scalar(dtype=f32),
         "text": tfds.features.Text(),
+        "speech_emotion": tfds.features.Text(),
         "action_units": tfds.features.Tensor(shape=(None, NUM_AUS), dtype=f32),
         "identity": tfds.features.Tensor(shape=(None,), dtype=f32),
     })  # fmt: skip
@@ -163,10 +166,12 @@ def make_record(
     action_units: np.ndarray | None = None,
     identity: np.ndarray | None = None,
     frame_format: str = "png",
+    speech_emotion: str | None = None,
 ) -> dict[str, object]:
     """A record dict ready for a builder's ``_generate_examples``; checks the lengths agree.
 
-    ``frames`` is ``(T, S, S, 3)`` uint8 (encoded here) or already-encoded bytes.
+    ``frames`` is ``(T, S, S, 3)`` uint8 (encoded here) or already-encoded bytes. ``speech_emotion``
+    (default: ``emotion``) is what the voice expresses, when that differs from the face.
     """
     groups = layout_groups(landmark_layout)
     landmarks = np.asarray(landmarks, np.float32)
@@ -194,6 +199,7 @@ def make_record(
         **emotion_fields(emotion, intensity),
         "intensity": np.float32(intensity),
         "text": text,
+        "speech_emotion": emotion_fields(emotion if speech_emotion is None else speech_emotion)["emotion"],
         "action_units": aus,
         "identity": np.zeros((0,), np.float32) if identity is None else np.asarray(identity, np.float32),
     }

@@ -49,7 +49,8 @@ bump with its own vowel (two formants, Peterson & Barney 1952 vowel means) on a 
 whose f0 follows a rise-fall accent per word and a declination over the clip. Per emotion
 (:data:`PROSODY`, after the acoustic profiles of Scherer 2003 / Banse & Scherer 1996): sadness is low,
 flat, quiet and slow; anger loud and fast; fear and surprise high with a wide range; happiness
-higher and lively. The mouth opening of frame ``f`` is the RMS of audio frame ``f`` mapped linearly
+higher and lively. ``generate_clip(..., speech_emotion=NEUTRAL)`` draws an emotional face with
+the neutral voice instead (the same words as the neutral clip of that seed). The mouth opening of frame ``f`` is the RMS of audio frame ``f`` mapped linearly
 to ``[0, 1]`` and passed through a one-pole smoother (the jaw's inertia, a lag of under a frame),
 and added to the emotion's own jaw drop.
 
@@ -176,6 +177,7 @@ class SyntheticClip:
     intensity: float
     identity: dict  # Identity fields
     text: str  # e.g. "a happy person speaking"
+    speech_emotion: str  # the emotion the speech's prosody expresses (== emotion unless decoupled)
     mouth_opening: np.ndarray  # (F,) float32 speech-driven jaw opening in [0, 1]
     head_pose: np.ndarray  # (F, 6) float32: yaw, pitch, roll (rad), dx, dy (px), scale
     fps: float = 25.0
@@ -503,6 +505,7 @@ def generate_clip(
     fps: float = 25.0,
     size: int | tuple[int, int] = 64,
     text: bool = True,
+    speech_emotion: str | np.ndarray | None = None,
 ) -> SyntheticClip:
     """A talking-face clip of identity ``identity_seed`` showing ``emotion`` at ``intensity``.
 
@@ -511,7 +514,10 @@ def generate_clip(
     bit-identical arrays. ``size`` is ``H = W`` or ``(H, W)``. The audio has
     ``floor(num_frames · SAMPLE_RATE / fps)`` samples, so
     :func:`moee_jax.data.audio.num_video_frames` maps it back to ``num_frames``. ``text=False``
-    leaves the description empty.
+    leaves the description empty. ``speech_emotion`` (a label or palette, :func:`resolve_emotion`)
+    sets the emotion the speech's prosody expresses, at the clip's intensity; ``None`` gives the
+    face's own emotion. ``NEUTRAL`` decouples the two: the face shows ``emotion`` while the voice is
+    emotion-neutral, so the label is the only cue to the expression.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -524,7 +530,10 @@ def generate_clip(
     num_samples = math.floor(num_frames * SAMPLE_RATE / fps + 1e-9)
     if num_video_frames(num_samples, SAMPLE_RATE, fps) != num_frames:
         raise ValueError(f"fps={fps} is too high for {SAMPLE_RATE} Hz audio with one frame per sample span")
-    prosody = _prosody(palette, float(intensity))
+    speech_label, speech_palette = label, palette
+    if speech_emotion is not None:
+        speech_label, speech_palette = resolve_emotion(speech_emotion, float(intensity))[:2]
+    prosody = _prosody(speech_palette, float(intensity))
     wave, _ = synth_speech(rng, prosody, ident.f0, num_samples)
     speech_open = mouth_from_rms(frame_rms(wave, num_frames))
 
@@ -547,6 +556,7 @@ def generate_clip(
         intensity=float(intensity),
         identity=dataclasses.asdict(ident),
         text=description if text else "",
+        speech_emotion=speech_label,
         mouth_opening=speech_open,
         head_pose=pose.astype(np.float32),
         fps=float(fps),

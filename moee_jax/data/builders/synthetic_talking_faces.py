@@ -15,6 +15,12 @@ Splits
   (``happy:0.5,surprised:0.5``: their weighted sum, stored under ``happiness:0.5,surprise:0.5``),
   the ground truth of what a palette asks a model for.
 
+A voice's prosody follows the face's emotion (:data:`moee_jax.data.synthetic.PROSODY`), which
+makes the speech a second cue to the expression. ``neutral_voice_p`` draws that share of the
+training split's emotional clips with an emotion-neutral voice instead (recorded in the
+``speech_emotion`` feature), so that a model must read the expression from the emotion condition
+— as it must at inference, where a label is combined with any speech.
+
 Everything is deterministic in ``seed``: the same config writes bit-identical records.
 
 Build (needs ``tensorflow-cpu``, the ``prepare`` extra)::
@@ -52,6 +58,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     intensities: tuple[float, ...] = (0.6, 1.0)
     compounds: tuple[str, ...] = DEFAULT_COMPOUNDS
     compounds_in_train: bool = False
+    neutral_voice_p: float = 0.0  # share of emotional train clips spoken with an emotion-neutral voice
     seed: int = 0
     splits: tuple[str, ...] = ("train", "test")  # ("test",): the held-out split alone (evaluating a trained model)
 
@@ -59,13 +66,13 @@ class SyntheticConfig(tfds.core.BuilderConfig):
 class SyntheticTalkingFaces(tfds.core.GeneratorBasedBuilder):
     """Synthetic emotional talking faces (held-out identities and compounds in ``test``)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "The speech_emotion feature (what the voice expresses)."}
     BUILDER_CONFIGS = [
         SyntheticConfig(name="tiny", description="64 px, 32-frame clips, 6+2 identities: tests and smoke runs.",
-                        num_frames=32, train_identities=6, test_identities=2, clips_per_emotion=1),
+                        num_frames=32, train_identities=6, test_identities=2, clips_per_emotion=1, neutral_voice_p=0.5),
         SyntheticConfig(name="demo", description="64 px, 2 s clips, 24+4 identities: the built-in demo.",
-                        train_identities=24, test_identities=4, clips_per_emotion=2),
+                        train_identities=24, test_identities=4, clips_per_emotion=2, neutral_voice_p=0.5),
         SyntheticConfig(name="256", description="256 px, 2 s clips, 64+8 identities.", size=256,
                         train_identities=64, test_identities=8, clips_per_emotion=2),
         SyntheticConfig(name="512", description="512 px, 2 s clips, 128+16 identities.", size=512,
@@ -101,12 +108,15 @@ class ClipSpec:
     emotion: str
     intensity: float
     seed: int
+    speech_emotion: str | None = None  # None: the voice expresses ``emotion``
 
 
 def clip_specs(config: SyntheticConfig, split: str) -> list[ClipSpec]:
     """The clips of ``split`` in record order (deterministic in ``config.seed``)."""
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if not 0.0 <= config.neutral_voice_p <= 1.0:
+        raise ValueError(f"SyntheticConfig.neutral_voice_p must lie in [0, 1], got {config.neutral_voice_p}")
     specs = []
     if split == "train":
         ids = range(config.train_identities)
@@ -116,7 +126,9 @@ def clip_specs(config: SyntheticConfig, split: str) -> list[ClipSpec]:
                 levels = (0.0,) if emotion == NEUTRAL else config.intensities  # neutral has no intensity
                 for k, intensity in enumerate(levels):
                     for c in range(config.clips_per_emotion):
-                        specs.append(ClipSpec(i, emotion, intensity, _seed(config.seed, i, e_index, k, c)))
+                        seed = _seed(config.seed, i, e_index, k, c)
+                        neutral_voice = emotion != NEUTRAL and _unit(seed) < config.neutral_voice_p
+                        specs.append(ClipSpec(i, emotion, intensity, seed, NEUTRAL if neutral_voice else None))
     else:
         start = config.train_identities
         for i in range(start, start + config.test_identities):
@@ -131,10 +143,16 @@ def _seed(*parts: int) -> int:
     return int(np.random.SeedSequence([p + 1 for p in parts]).generate_state(1)[0])
 
 
+def _unit(seed: int) -> float:
+    """A uniform number in ``[0, 1)`` fixed by ``seed`` (independent of the clip's own draws)."""
+    return float(np.random.default_rng([seed, 0x701CE]).random())
+
+
 def render_record(spec: ClipSpec, config: SyntheticConfig) -> dict[str, object]:
     """Generate the clip of ``spec`` and pack it as a :func:`~moee_jax.data.schema.make_record` dict."""
     clip = synthetic.generate_clip(
-        spec.identity, spec.emotion, spec.intensity, seed=spec.seed, num_frames=config.num_frames, fps=config.fps, size=config.size
+        spec.identity, spec.emotion, spec.intensity, seed=spec.seed, num_frames=config.num_frames, fps=config.fps,
+        size=config.size, speech_emotion=spec.speech_emotion,
     )
     return schema.make_record(
         clip_id=f"id{spec.identity:04d}/{spec.emotion}_{spec.intensity:.2f}_{spec.seed:010d}",
@@ -150,6 +168,7 @@ def render_record(spec: ClipSpec, config: SyntheticConfig) -> dict[str, object]:
         action_units=clip.action_units,
         identity=schema.identity_vector(clip.identity),
         frame_format="png",
+        speech_emotion=None if spec.speech_emotion is None else clip.speech_emotion,
     )
 
 

@@ -30,8 +30,8 @@ from moee_jax.data.manifest import SPLITS
 class TalkingFaceClips(tfds.core.GeneratorBasedBuilder):
     """Face-cropped real talking-face clips with emotion labels (from ``moee prepare``)."""
 
-    VERSION = tfds.core.Version("1.0.0")
-    RELEASE_NOTES = {"1.0.0": "First release."}
+    VERSION = tfds.core.Version("1.1.0")
+    RELEASE_NOTES = {"1.0.0": "First release.", "1.1.0": "The speech_emotion feature (what the voice expresses)."}
     MANUAL_DOWNLOAD_INSTRUCTIONS = (
         "Prepare your videos with `moee prepare --input VIDEOS --out PREPARED ...` (or "
         "moee_jax.data.prepare.prepare_videos) and pass PREPARED as the manual directory."
