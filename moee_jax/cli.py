@@ -17,6 +17,7 @@ library function. ``moee <subcommand> --help`` lists its flags.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import pathlib
 import sys
@@ -43,6 +44,13 @@ def _config_flag(default: str = DEFAULT_CONFIG):
     return config_flags.DEFINE_config_file(
         "config", resolve_config(default), "Config file and variant, e.g. stage1.py:tiny or configs/backbone.py:sd15."
     )
+
+
+def _log_file(path) -> contextlib.AbstractContextManager:
+    """The command's full log in ``path`` (:func:`moee_jax.console.log_to`); none for a gs:// run."""
+    from moee_jax import console
+
+    return contextlib.nullcontext() if str(path).startswith("gs://") else console.log_to(path)
 
 
 def _convert() -> None:
@@ -126,11 +134,12 @@ def _prepare() -> None:
 
         try:
             inputs = load_inputs(input_.value, manifest=manifest.value, mead=mead.value)
-            report = prepare_videos(
-                inputs, out.value, size=size.value, landmark_model=landmark_model.value, min_frames=min_frames.value,
-                workers=workers.value, margin=margin.value, smooth_window=smooth_window.value,
-                max_missing_face=max_missing_face.value,
-            )  # fmt: skip
+            with _log_file(f"{out.value}/prepare.log"):
+                report = prepare_videos(
+                    inputs, out.value, size=size.value, landmark_model=landmark_model.value, min_frames=min_frames.value,
+                    workers=workers.value, margin=margin.value, smooth_window=smooth_window.value,
+                    max_missing_face=max_missing_face.value,
+                )  # fmt: skip
         except (ManifestError, LandmarkSetupError, PrepareSetupError, ValueError) as e:
             sys.exit(f"moee prepare: {e}")
         print(report.summary())
@@ -168,22 +177,17 @@ def _encoder_flags(folder_flag: str) -> dict:
 
 def _build_features(encoders: dict, data_dir: str, dataset: str, splits: list[str], command: str) -> None:
     """Encode ``splits`` of ``dataset`` into the feature cache (:mod:`moee_jax.data.feature_cache`)."""
-    from tqdm import tqdm
-
+    from moee_jax import console
     from moee_jax.data.feature_cache import FeatureCacheError, build_feature_cache, default_folder
 
     folder = encoders["folder"].value or str(default_folder(data_dir, dataset))
     try:
         for split in splits:
-            with tqdm(unit="clip", desc=f"features {split}", file=sys.stderr) as bar:
-
-                def progress(done, total):
-                    bar.total = total
-                    bar.update(done - bar.n)
-
+            with console.progress(None, f"features {split}", unit="clip") as bar:
                 manifest = build_feature_cache(
                     data_dir, dataset, split, folder, audio_encoder=encoders["audio_encoder"].value,
-                    text_encoder=encoders["text_encoder"].value, text_length=encoders["text_length"].value, progress=progress,
+                    text_encoder=encoders["text_encoder"].value, text_length=encoders["text_length"].value,
+                    progress=console.bar_progress(bar),
                 )  # fmt: skip
     except (FeatureCacheError, FileNotFoundError, ValueError) as e:
         sys.exit(f"moee {command}: {e}")
@@ -219,15 +223,17 @@ def _train() -> None:
         info = initialize_distributed()
         from moee_jax.train.trainer import TrainingError, train
 
+        log_path = f"{run_dir.value}/{config.value.stage}/train.log" if info.process_id == 0 else None
         try:
-            result = train(config.value, run_dir.value, max_steps=max_steps.value)
+            with _log_file(log_path) if log_path else contextlib.nullcontext():
+                result = train(config.value, run_dir.value, max_steps=max_steps.value)
         except (TrainingError, FileNotFoundError, ValueError) as e:
             sys.exit(f"moee train: {e}")
         state = "interrupted (SIGTERM), checkpoint saved" if result.interrupted else "done"
         if info.process_id == 0:
             print(
                 f"{result.stage}: {state} at step {result.final_step}; {result.skipped_steps} non-finite step(s) skipped; "
-                f"run directory {result.run_dir}"
+                f"run directory {result.run_dir}; full log {log_path}"
             )
 
     return main
@@ -260,11 +266,7 @@ def _animate() -> None:
 
     def main(argv):
         del argv
-        from absl import logging as absl_logging
-        from tqdm import tqdm
-
-        absl_logging.set_verbosity(absl_logging.WARNING)  # Orbax reports every restore step at INFO
-
+        from moee_jax import console
         from moee_jax.checkpoint.run import RunError
         from moee_jax.inference.animator import Animator
         from moee_jax.inference.batch import animate_batch
@@ -300,15 +302,10 @@ def _animate() -> None:
                                  emotion_video=emotion_video.value)  # fmt: skip
             check_outputs(out.value, frames_dir.value)
             animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value, audio_encoder=audio_encoder.value)
-            with tqdm(unit="clip", desc="animate", file=sys.stderr) as bar:
-
-                def progress(done, total):
-                    bar.total = total
-                    bar.update(done - bar.n)
-
+            with console.progress(None, "animate", unit="clip") as bar:
                 animation = animate_to_file(
                     animator, image.value, audio.value, spec, out.value, frames_dir=frames_dir.value, paste=paste_back.value,
-                    progress=progress, **options,
+                    progress=console.bar_progress(bar), **options,
                 )  # fmt: skip
             for warning in animation.warnings:
                 print(f"moee animate: warning: {warning}", file=sys.stderr)
@@ -384,6 +381,8 @@ def _eval() -> None:
         import json
         import pathlib
 
+        from moee_jax import console
+        from moee_jax.checkpoint.run import resolve_checkpoint
         from moee_jax.eval import metrics as M
         from moee_jax.eval.evaluate import evaluate_run
         from moee_jax.inference.inputs import InputError
@@ -391,12 +390,16 @@ def _eval() -> None:
         run_dir = _run_dir_arg(argv, run_flag, "eval")
         out_dir = pathlib.Path(out.value or pathlib.Path(run_dir) / "eval")
         try:
-            reader = _reader(f, run_dir, data_dir.value, dataset.value)
-            summary = evaluate_run(run_dir, reader, data_dir=data_dir.value, dataset=dataset.value, settings=_settings(f),
-                                   videos_dir=out_dir / "videos", sheet_path=None)  # fmt: skip
+            resolve_checkpoint(run_dir)  # a missing or unfinished run fails before anything is written
+            with console.log_to(out_dir / "eval.log"):
+                with console.phase("reader"):
+                    reader = _reader(f, run_dir, data_dir.value, dataset.value)
+                with console.phase("animate and score", f"held-out identities → {out_dir / 'videos'}"), \
+                        console.progress(None, "clips", unit="clip") as bar:  # fmt: skip
+                    summary = evaluate_run(run_dir, reader, data_dir=data_dir.value, dataset=dataset.value, settings=_settings(f),
+                                           videos_dir=out_dir / "videos", sheet_path=None, progress=console.bar_progress(bar))  # fmt: skip
         except (InputError, FileNotFoundError, ValueError) as e:
             sys.exit(f"moee eval: {_run_message(e)}")
-        out_dir.mkdir(parents=True, exist_ok=True)
         (out_dir / "metrics.json").write_text(json.dumps(summary, indent=2, default=float))
         (out_dir / "metrics.md").write_text(M.to_markdown(summary))
         print(M.to_markdown(summary))
@@ -415,15 +418,18 @@ def _ablate() -> None:
     def main(argv):
         import pathlib
 
+        from moee_jax.checkpoint.run import resolve_checkpoint
         from moee_jax.eval.ablation import run_ablations
         from moee_jax.inference.inputs import InputError
         from moee_jax.train.trainer import TrainingError
 
         run_dir = _run_dir_arg(argv, run_flag, "ablate")
+        out_dir = pathlib.Path(out.value or pathlib.Path(run_dir) / "ablate")
         try:
-            reader = _reader(f, run_dir)
-            result = run_ablations(run_dir, out.value or pathlib.Path(run_dir) / "ablate", reader, variants=variants.value,
-                                   steps=steps.value, settings=_settings(f))  # fmt: skip
+            resolve_checkpoint(run_dir)  # a missing or unfinished run fails before anything is written
+            with _log_file(out_dir / "ablate.log"):
+                reader = _reader(f, run_dir)
+                result = run_ablations(run_dir, out_dir, reader, variants=variants.value, steps=steps.value, settings=_settings(f))
         except (InputError, TrainingError, FileNotFoundError, ValueError) as e:
             sys.exit(f"moee ablate: {_run_message(e)}")
         print(result["table"])
@@ -453,9 +459,10 @@ def _ladder() -> None:
         run_dir = _run_dir_arg(argv, run_flag, "ladder")
         try:
             d, n = (data_dir.value, dataset.value) if data_dir.value and dataset.value else run_dataset(run_dir)
-            reader = _reader(f, run_dir, d, n)
-            result = run_ladder(run_dir, reader, data_dir=d, dataset=n, settings=_settings(f), rungs=rungs.value,
-                                identities=identities.value, overfit_steps=overfit_steps.value)  # fmt: skip
+            with _log_file(pathlib.Path(run_dir) / "ladder.log"):
+                reader = _reader(f, run_dir, d, n)
+                result = run_ladder(run_dir, reader, data_dir=d, dataset=n, settings=_settings(f), rungs=rungs.value,
+                                    identities=identities.value, overfit_steps=overfit_steps.value)  # fmt: skip
         except (InputError, TrainingError, FileNotFoundError, ValueError) as e:
             sys.exit(f"moee ladder: {_run_message(e)}")
         path = pathlib.Path(out.value or pathlib.Path(run_dir) / "ladder.json")
@@ -479,9 +486,6 @@ def _serve() -> None:
 
     def main(argv):
         del argv
-        from absl import logging as absl_logging
-
-        absl_logging.set_verbosity(absl_logging.WARNING)
         try:
             import gradio  # noqa: F401
         except ImportError:
@@ -584,7 +588,12 @@ def run(argv: list[str] | None = None) -> None:
         from moee_jax.analysis.__main__ import main as analyze
 
         sys.exit(analyze([underscored(a) for a in argv[2:]]))
-    # absl logs at INFO; jax's backend probe would report every platform it did not find (TPU, GPU).
+    from moee_jax import console
+
+    argv[2:] = ["--verbosity=1" if a == "-v" else a for a in argv[2:]]
+    if not any(a.startswith("--verbosity") for a in argv[2:]):
+        console.quiet_native_logs()
+    # jax's backend probe would report every platform it did not find (TPU, GPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     before = set(flags.FLAGS)
     main = COMMANDS[command]()
@@ -599,7 +608,12 @@ def run(argv: list[str] | None = None) -> None:
             config.to_dict()  # a config file that failed to load raises its error on first use
     except Exception as e:  # noqa: BLE001 - any parse failure is the user's input, reported as such
         sys.exit(f"moee {command}: {flag_error(e, full[1:])}")
-    app.run(main, argv=full, flags_parser=lambda _: remaining)  # parsed above
+
+    def with_console(argv):  # after app.run's own logging set-up, which it would otherwise override
+        console.configure(verbose=flags.FLAGS.verbosity >= 1)
+        return main(argv)
+
+    app.run(with_console, argv=full, flags_parser=lambda _: remaining)  # parsed above
 
 
 def flag_error(error: BaseException, args: list[str] = ()) -> str:

@@ -29,13 +29,12 @@ dataset, finished stages and the reader.
 from __future__ import annotations
 
 import json
-import logging
 import pathlib
 import time
 
 from ml_collections import ConfigDict
 
-log = logging.getLogger("moee_jax.demo")
+from moee_jax import console
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -80,31 +79,40 @@ def short_recipe(config: ConfigDict) -> ConfigDict:
 
 def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, *, from_scratch: bool = False,
              checkpoint: str | pathlib.Path | None = None) -> dict:  # fmt: skip
-    """Run the demo; returns the metrics written to ``OUT/metrics.json``."""
+    """Run the demo; returns the metrics written to ``OUT/metrics.json``. The terminal gets one line
+    per phase with its duration (:mod:`moee_jax.console`); ``OUT/demo.log`` gets everything."""
+    out = pathlib.Path(out_dir).absolute()
+    shipped = None if from_scratch else shipped_checkpoint(config, checkpoint)
+    short = shipped is not None and not (shipped / "stage2" / "final" / "metadata.json").exists()
+    if short and (checkpoint is not None or not config.get("short_steps")):
+        raise DemoError(
+            f"the shipped checkpoint {shipped} holds no finished run (stage2/final); train one with "
+            "`moee demo --from-scratch`, or pass --checkpoint RUN"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    with console.log_to(out / "demo.log"):
+        if short:
+            config = short_recipe(config)
+            console.line(
+                f"note: no shipped checkpoint in {shipped}: training the short recipe from scratch instead (steps "
+                f"{dict(config.short_steps)}); its numbers are not the full recipe's, which `moee demo --from-scratch` trains"
+            )
+            shipped = None
+        return _run(config, out, shipped)
+
+
+def _run(config: ConfigDict, out: pathlib.Path, shipped: pathlib.Path | None) -> dict:
     from moee_jax.eval import metrics as M
     from moee_jax.eval.ablation import run_ablations
     from moee_jax.eval.evaluate import EvalSettings, cached_reader, evaluate_run
 
-    out = pathlib.Path(out_dir).absolute()
-    shipped = None if from_scratch else shipped_checkpoint(config, checkpoint)
-    if shipped is not None and not (shipped / "stage2" / "final" / "metadata.json").exists():
-        if checkpoint is not None or not config.get("short_steps"):
-            raise DemoError(
-                f"the shipped checkpoint {shipped} holds no finished run (stage2/final); train one with "
-                "`moee demo --from-scratch`, or pass --checkpoint RUN"
-            )
-        config = short_recipe(config)
-        log.warning(
-            "no shipped checkpoint in %s: training the short recipe from scratch instead (steps %s, about 30 minutes on 2 "
-            "cores); its numbers are not the full recipe's. `moee demo --from-scratch` trains the full recipe.",
-            shipped, dict(config.short_steps),
-        )  # fmt: skip
-        shipped = None
-    out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    name = _build_data(config, out / "data", held_out_only=shipped is not None)
-    timings["data_s"] = time.perf_counter() - t0
+    d = config.data
+    what = "held-out split" if shipped is not None else f"{d.train_identities} training + {d.test_identities} held-out identities"
+    with console.phase("data", f"synthetic talking faces, {what} → {out / 'data'}") as p:
+        name = _build_data(config, out / "data", held_out_only=shipped is not None)
+    timings["data_s"] = p["seconds"]
 
     losses: dict[str, dict] = {}
     if shipped is None:
@@ -112,18 +120,19 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, *, from_scratch: b
 
         run_dir = out / "run"
         for stage in ("vae", "stage1", "stage2"):
-            t = time.perf_counter()
             c = ConfigDict(config.stages[stage].to_dict())
             c.data.data_dir = str(out / "data")
             c.data.name = name
-            result = Trainer(c, run_dir).run()
-            jsonl = run_dir / stage / "metrics.jsonl"
-            logged = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
-            if logged:
-                losses[stage] = {"first_logged": logged[0]["loss"], "last_logged": logged[-1]["loss"], "steps": result.final_step}
-                if "shuffle_gap" in logged[-1]:
-                    losses[stage]["last_shuffle_gap"] = logged[-1]["shuffle_gap"]
-            timings[f"{stage}_s"] = time.perf_counter() - t
+            with console.phase(stage, f"{int(c.train.steps)} steps → {run_dir / stage}") as p:
+                result = Trainer(c, run_dir).run()
+                jsonl = run_dir / stage / "metrics.jsonl"
+                logged = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
+                if logged:
+                    losses[stage] = {"first_logged": logged[0]["loss"], "last_logged": logged[-1]["loss"], "steps": result.final_step}
+                    if "shuffle_gap" in logged[-1]:
+                        losses[stage]["last_shuffle_gap"] = logged[-1]["shuffle_gap"]
+                    p["note"] = f"loss {logged[-1]['loss']:.4f}"
+            timings[f"{stage}_s"] = p["seconds"]
         reader_path = out / "reader.msgpack"
     else:
         run_dir = shipped
@@ -131,25 +140,28 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, *, from_scratch: b
         if not reader_path.is_file():
             reader_path = out / "reader.msgpack"
 
-    t = time.perf_counter()
     size = int(config.stages.stage2.video.image_size[0])
     r = config.reader
-    reader = cached_reader(reader_path, size, int(r.steps), render_size=int(r.get("render_size", config.data.size)),
-                           blend_fraction=float(r.get("blend_fraction", 0.4)))  # fmt: skip
-    timings["reader_s"] = time.perf_counter() - t
+    state = "load" if reader_path.is_file() else f"train {int(r.steps)} steps"
+    with console.phase("reader", f"expression reader ({state}) → {reader_path}") as p:
+        reader = cached_reader(reader_path, size, int(r.steps), render_size=int(r.get("render_size", config.data.size)),
+                               blend_fraction=float(r.get("blend_fraction", 0.4)))  # fmt: skip
+    timings["reader_s"] = p["seconds"]
 
-    t = time.perf_counter()
     settings = EvalSettings.from_config(config.animate, seed=int(config.seed))
-    summary = evaluate_run(run_dir, reader, data_dir=out / "data", dataset=name, settings=settings, videos_dir=out / "videos",
-                           sheet_path=out / "contact_sheet.png", batch_size=int(config.animate.get("batch_size", 16)))  # fmt: skip
-    timings["animate_and_score_s"] = time.perf_counter() - t
+    with console.phase("animate and score", f"held-out identities → {out / 'videos'}") as p, \
+            console.progress(None, "clips", unit="clip") as bar:  # fmt: skip
+        summary = evaluate_run(run_dir, reader, data_dir=out / "data", dataset=name, settings=settings, videos_dir=out / "videos",
+                               sheet_path=out / "contact_sheet.png", batch_size=int(config.animate.get("batch_size", 16)),
+                               progress=console.bar_progress(bar))  # fmt: skip
+    timings["animate_and_score_s"] = p["seconds"]
 
     if config.get("ablate") and config.ablate.variants:
-        t = time.perf_counter()
-        ablation = run_ablations(run_dir, out / "ablate", reader, variants=tuple(config.ablate.variants), settings=settings)
+        with console.phase("ablations", ", ".join(config.ablate.variants)) as p:
+            ablation = run_ablations(run_dir, out / "ablate", reader, variants=tuple(config.ablate.variants), settings=settings)
         summary["ablation"] = {v: ablation[v]["headline"] for v in config.ablate.variants}
         summary["ablation_table"] = ablation["table"]
-        timings["ablation_s"] = time.perf_counter() - t
+        timings["ablation_s"] = p["seconds"]
 
     summary["run"] = {"dir": str(run_dir), "shipped_checkpoint": shipped is not None}
     summary["training"] = losses
@@ -160,5 +172,9 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, *, from_scratch: b
     if "ablation_table" in summary:
         markdown += "\n## Ablations (stage 2 from the same stage 1, same steps)\n\n" + summary["ablation_table"]
     (out / "metrics.md").write_text(markdown)
-    log.info("demo finished in %.0f s: %s", timings.get("total", time.perf_counter() - t0), out)
+    outputs = {"videos": out / "videos", "contact sheet": out / "contact_sheet.png", "metrics": out / "metrics.md",
+               "run": run_dir, "full log": out / "demo.log"}  # fmt: skip
+    if "ablation_table" in summary:
+        outputs["ablations"] = out / "ablate"
+    console.summary(outputs)
     return summary

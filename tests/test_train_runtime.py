@@ -6,6 +6,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import signal
 import socket
 import subprocess
@@ -122,6 +123,12 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_tfds, tmp_path):
     assert "interrupted (SIGTERM), checkpoint saved" in out
     steps = sorted(int(p.name) for p in (tmp_path / "vae" / "checkpoints").iterdir() if p.name.isdigit())
     assert steps and steps[-1] >= max(_losses(tmp_path))
+    # The console: progress lines and warnings, no library INFO records; those are in the run's log file.
+    assert re.search(r"^step +1/100000 \|", out, re.M), out[-3000:]
+    assert not re.search(r"^I\d{4} ", out, re.M), out[-3000:]
+    assert re.search(r"^warning: SIGTERM: saved vae at step \d+ and stopped$", out, re.M), out[-3000:]
+    log = (tmp_path / "vae" / "train.log").read_text()
+    assert re.search(r" I absl: .*[Ss]av", log) and re.search(r"moee_jax.console: step +1/100000 \|", log), log[-3000:]
 
 
 def _free_port() -> int:

@@ -491,9 +491,18 @@ def open_source(data_dir: str | pathlib.Path, name: str, split: str):
     try:
         return tfds.data_source(name, split=split, data_dir=str(data_dir))
     except Exception as e:  # tfds raises several types for a missing dataset / split
+        folder = pathlib.Path(str(data_dir)) / name
+        versions = sorted(p.name for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+        if not folder.is_dir():
+            why = f"there is no folder {folder}"
+        elif versions and not any((folder / v / "dataset_info.json").exists() for v in versions):
+            why = f"{folder} holds no finished build (an interrupted one?)"
+        else:  # tfds's first line names what it missed (a split, a version); the rest lists its catalogue
+            why = str(e).strip().splitlines()[0] + (f" (versions on disk: {', '.join(versions)})" if versions else "")
         raise FileNotFoundError(
-            f"cannot open dataset {name!r} split {split!r} under data_dir {str(data_dir)!r}: {e}. "
-            "Build it first (moee prepare, or the synthetic_talking_faces builder)."
+            f"cannot open dataset {name!r} split {split!r} under data_dir {str(data_dir)!r}: {why}. "
+            "Build it first (moee prepare, or the synthetic_talking_faces builder; a build of an older version is "
+            "not read: build it again)."
         ) from e
 
 

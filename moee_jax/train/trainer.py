@@ -34,6 +34,7 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
+from moee_jax import console
 from moee_jax.checkpoint import run as run_lib
 from moee_jax.data import feature_cache
 from moee_jax.data import pipeline as data_pipeline
@@ -323,7 +324,7 @@ class Trainer:
                         jsonl.write(json.dumps({"step": step, **values}) + "\n")
                         jsonl.flush()
                     if jax.process_index() == 0:
-                        print(progress.format(step, values), flush=True)
+                        console.line(progress.format(step, values))
                     bad = int(state.bad_steps)
                     if bad >= patience:
                         manager.wait_until_finished()

@@ -218,7 +218,7 @@ def build_app(animator, folder: pathlib.Path, *, examples: list[str] = (), queue
             button.click(lambda parts=parts: [0.5 if e in parts else 0.0 for e in EMOTIONS], None, sliders, queue=False)
 
         def run(image, detect, audio, mode, label, intensity, happiness, sadness, anger, disgust, fear, surprise, text, video, steps,
-                seed, cfg_reference, cfg_audio, cfg_emotion, progress=gr.Progress()):  # fmt: skip
+                seed, cfg_reference, cfg_audio, cfg_emotion, progress=gr.Progress()):  # noqa: B008 (how Gradio injects its progress tracker)  # fmt: skip
             try:
                 spec = emotion_spec(mode, label, intensity, (happiness, sadness, anger, disgust, fear, surprise), text, video)
                 guidance = {"reference": cfg_reference, "audio": cfg_audio, "emotion": cfg_emotion}

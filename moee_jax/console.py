@@ -1,0 +1,167 @@
+"""What a ``moee`` command prints, and the full log it keeps.
+
+The terminal gets what a person reads: one line when a phase starts and one with its duration when it
+ends (:func:`phase`), progress bars over work that takes minutes (:func:`progress`), each warning
+once, and a closing summary of where the outputs are (:func:`summary`). Library INFO records
+(absl, Orbax, TFDS, this package) stay off the terminal unless ``--verbosity=1`` (``-v``); every
+record, the phase lines and the training progress lines go to a log file in the run directory
+(:func:`log_to`), so a long run can be read afterwards in full.
+
+::
+
+    console.configure(verbose=False)
+    with console.log_to(out / "demo.log"), console.phase("stage1", "500 steps"):
+        ...
+    console.summary({"videos": out / "videos", "metrics": out / "metrics.md"})
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Iterator, Mapping
+
+_FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
+_files: list[logging.Handler] = []  # the open log files (log_to), which also take the console's lines
+
+
+# Third-party warnings that say nothing to act on: kept in the log file, off the terminal.
+_FILE_ONLY = ("Using custom data configuration",)
+
+
+class _Once(logging.Filter):
+    """Passes each warning text once per process (a stage's warning repeated by the next stage is noise)."""
+
+    def __init__(self):
+        super().__init__()
+        self.seen: set[tuple[str, str]] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        key = (record.name, record.getMessage())
+        if key in self.seen or key[1].startswith(_FILE_ONLY):
+            return False
+        self.seen.add(key)
+        return True
+
+
+class _Short(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        text = f"{record.levelname.lower()}: {record.getMessage()}"
+        return text + "\n" + self.formatException(record.exc_info) if record.exc_info else text
+
+
+def quiet_native_logs() -> None:
+    """Keep XLA's C++ log (e.g. the "Very slow compile?" alarm of a minutes-long CPU compile) off the
+    terminal; a value the user set wins. Must run before JAX initialises its backend."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+def configure(verbose: bool = False) -> None:
+    """Route records: WARNING and above to the terminal, each once (INFO too when ``verbose``); every
+    record at INFO and above to the log files of :func:`log_to`."""
+    from absl import logging as absl_logging
+
+    absl_logging.set_verbosity(absl_logging.INFO)  # records are made; the handlers choose where they go
+    handler = absl_logging.get_absl_handler()
+    handler.setLevel(logging.INFO if verbose else logging.WARNING)
+    # "warning: …" rather than absl's "W1202 07:04:47.696508 1402… file.py:73] …", unless verbose.
+    handler.setFormatter(absl_logging.PythonFormatter() if verbose else _Short())
+    if not any(isinstance(f, _Once) for f in handler.filters):
+        handler.addFilter(_Once())
+    root = logging.getLogger()
+    if handler not in root.handlers:
+        root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    logging.captureWarnings(True)  # Python warnings become records: once on the terminal, all in the file
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # the backends it did not find
+    if not verbose:
+        with contextlib.suppress(ImportError):
+            import tensorflow_datasets as tfds
+
+            tfds.disable_progress_bar()  # per-example bars; the phase line says what is being built
+
+
+@contextlib.contextmanager
+def log_to(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
+    """Append every INFO-and-above record and every console line to ``path`` while the block runs."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setLevel(logging.INFO)
+    handler.setFormatter(logging.Formatter(_FORMAT))
+    logging.getLogger().addHandler(handler)
+    _files.append(handler)
+    try:
+        yield path
+    finally:
+        _files.remove(handler)
+        logging.getLogger().removeHandler(handler)
+        handler.close()
+
+
+def line(text: str, *, file=None) -> None:
+    """Print ``text`` (stdout unless ``file``) and add it to the open log files."""
+    print(text, file=file or sys.stdout, flush=True)
+    record = logging.LogRecord("moee_jax.console", logging.INFO, __file__, 0, text, None, None)
+    for handler in _files:
+        handler.handle(record)
+
+
+def duration(seconds: float) -> str:
+    """``4.2 s``, ``12m03s``, ``2h05m``."""
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes}m{s:02d}s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m"
+
+
+@contextlib.contextmanager
+def phase(name: str, detail: str = "") -> Iterator[dict]:
+    """One line as the phase starts and one with its duration as it ends (or fails). The yielded dict
+    collects a short result (``result["note"] = "loss 0.41"``) for the closing line; ``seconds`` is
+    set on exit."""
+    out: dict = {}
+    line(f"▸ {name}" + (f": {detail}" if detail else ""))
+    t0 = time.perf_counter()
+    try:
+        yield out
+    except BaseException:
+        line(f"✗ {name} failed after {duration(time.perf_counter() - t0)}")
+        raise
+    out["seconds"] = time.perf_counter() - t0
+    note = f" ({out['note']})" if out.get("note") else ""
+    line(f"✓ {name} in {duration(out['seconds'])}{note}")
+
+
+def progress(total: int | None, desc: str, unit: str = "it"):
+    """A tqdm bar on stderr; where stderr is not a terminal (a log, CI) it redraws at most every 60 s."""
+    from tqdm import tqdm
+
+    tty = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=tty, mininterval=0.5 if tty else 60.0,
+                dynamic_ncols=True)  # fmt: skip
+
+
+def bar_progress(bar):
+    """A ``progress(done, total)`` callback that moves ``bar`` (the form the library functions take)."""
+
+    def progress(done: int, total: int) -> None:
+        bar.total = total
+        bar.update(done - bar.n)
+
+    return progress
+
+
+def summary(outputs: Mapping[str, object]) -> None:
+    """The closing lines: where every output is."""
+    width = max((len(k) for k in outputs), default=0)
+    line("outputs:")
+    for name, where in outputs.items():
+        line(f"  {name.ljust(width)}  {where}")
