@@ -104,3 +104,31 @@ def training_config(stage: str, variant: str) -> ConfigDict:
     c.model.emotion.speech_dim = c.data.mel_bins
     c.model.emotion.sources = ("label", "speech")
     return c
+
+
+# The numbers of a training config that must be finite and in range: field → checks.number bounds.
+_BOUNDS = {
+    "train.steps": dict(minimum=0, integer=True), "train.batch_size": dict(minimum=1, integer=True),
+    "train.learning_rate": dict(above=0), "train.warmup_steps": dict(minimum=0, integer=True),
+    "train.final_lr_fraction": dict(minimum=0, maximum=1), "train.b1": dict(minimum=0, maximum=1),
+    "train.b2": dict(minimum=0, maximum=1), "train.eps": dict(above=0), "train.weight_decay": dict(minimum=0),
+    "train.grad_clip": dict(minimum=0), "train.grad_accum": dict(minimum=1, integer=True),
+    "train.ema_decay": dict(minimum=0, maximum=1), "train.log_every": dict(minimum=1, integer=True),
+    "train.nan_patience": dict(minimum=1, integer=True), "checkpoint.every_steps": dict(minimum=1, integer=True),
+    "data.drop_emotion_p": dict(minimum=0, maximum=1), "data.drop_audio_p": dict(minimum=0, maximum=1),
+    "data.drop_reference_p": dict(minimum=0, maximum=1), "data.drop_all_p": dict(minimum=0, maximum=1),
+    "data.noisy_p": dict(minimum=0, maximum=1),
+}  # fmt: skip
+
+
+def check(c: ConfigDict) -> None:
+    """Raise :class:`moee_jax.checks.UsageError` naming ``--config.<field>`` for a training config
+    that cannot train: an unknown stage, a non-finite or out-of-range number (:data:`_BOUNDS`)."""
+    from moee_jax import checks
+
+    checks.one_of(c.get("stage"), "--config.stage", ("vae", "embedder", "stage1", "stage2"))
+    for path, bounds in _BOUNDS.items():
+        node = c
+        for key in path.split("."):
+            node = node.get(key) if hasattr(node, "get") else None
+        checks.number(node, f"--config.{path}", **bounds)

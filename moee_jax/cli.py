@@ -20,6 +20,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import pathlib
+import re
+import shutil
 import sys
 
 from absl import app, flags
@@ -63,6 +65,17 @@ def _convert() -> None:
 
     def main(argv):
         del argv
+        from moee_jax import checks
+
+        try:  # before any weights are read
+            if pathlib.Path(out.value).exists() and (not pathlib.Path(out.value).is_dir() or any(pathlib.Path(out.value).iterdir())):
+                raise checks.UsageError(f"--out {out.value}: exists and is not empty; choose a new directory")
+            checks.writable_location(out.value, "--out", kind="folder", min_free_mb=1024)
+            for flag, value in (("--unet", unet.value), ("--vae", vae.value), ("--motion_adapter", motion.value)):
+                if value is not None and not pathlib.Path(value).exists():
+                    raise checks.UsageError(f"{flag} {value}: no such file or folder")
+        except checks.UsageError as e:
+            sys.exit(f"moee convert: {e}")
         from moee_jax.checkpoint.convert.backbone import convert_backbone
         from moee_jax.checkpoint.convert.state_dict import ConversionError
 
@@ -88,14 +101,22 @@ def _demo() -> None:
 
     def main(argv):
         del argv
+        from moee_jax import checks
         from moee_jax.demo import DemoError, run_demo
 
+        try:
+            checks.writable_location(out.value, "--out", kind="folder", min_free_mb=500)
+        except checks.UsageError as e:
+            sys.exit(f"moee demo: {e}")
         try:
             summary = run_demo(config.value, out.value, from_scratch=scratch.value, checkpoint=checkpoint.value)
         except DemoError as e:
             sys.exit(f"moee demo: {e}")
-        head = summary.get("headline", {})
-        print(f"wrote {out.value}: " + ", ".join(f"{k} {v:.3f}" for k, v in head.items() if isinstance(v, float)))
+        head, ceiling = summary.get("headline", {}), summary.get("ceiling", {}).get("headline", {})
+        print(f"wrote {out.value} (generated, ceiling = the reader on the ground truth as the model sees it):")
+        for k, v in head.items():
+            if isinstance(v, float):
+                print(f"  {k:28s} {v:7.3f}" + (f"   ceiling {ceiling[k]:.3f}" if isinstance(ceiling.get(k), float) else ""))
         print(f"total {summary['timings_s']['total']} s; see {out.value}/metrics.md")
 
     return main
@@ -128,10 +149,26 @@ def _prepare() -> None:
         del argv
         if (encoders["audio_encoder"].value or encoders["text_encoder"].value) and data_dir.value is None:
             sys.exit("moee prepare: --audio_encoder / --text_encoder encode the built dataset; give --data_dir too")
+        from moee_jax import checks
         from moee_jax.data.landmarks import LandmarkSetupError
         from moee_jax.data.manifest import ManifestError, load_inputs
         from moee_jax.data.prepare import PrepareSetupError, prepare_videos
 
+        try:  # the flags first, then the inputs, before any video is read
+            checks.number(size.value, "--size", minimum=8, integer=True)
+            checks.number(workers.value, "--workers", minimum=1, integer=True)
+            checks.number(min_frames.value, "--min_frames", minimum=1, integer=True)
+            checks.number(margin.value, "--margin", minimum=1)
+            checks.number(smooth_window.value, "--smooth_window", minimum=0, integer=True)
+            checks.number(max_missing_face.value, "--max_missing_face", minimum=0, maximum=0.999)
+            if landmark_model.value is not None:
+                checks.input_file(landmark_model.value, "--landmark_model")
+            checks.writable_location(out.value, "--out", kind="folder", min_free_mb=200)
+            if data_dir.value is not None:
+                checks.writable_location(data_dir.value, "--data_dir", kind="folder", min_free_mb=200)
+        except checks.UsageError as e:
+            sys.exit(f"moee prepare: {e}")
+        fresh = not pathlib.Path(out.value).exists()
         try:
             inputs = load_inputs(input_.value, manifest=manifest.value, mead=mead.value)
             with _log_file(f"{out.value}/prepare.log"):
@@ -142,11 +179,15 @@ def _prepare() -> None:
                 )  # fmt: skip
         except (ManifestError, LandmarkSetupError, PrepareSetupError, ValueError) as e:
             sys.exit(f"moee prepare: {e}")
+        if not report.done and not report.cached:  # nothing to show for it: say why, leave nothing behind
+            reasons = [e.get("reason") or e.get("error", "") for e in report.skipped + report.failed]
+            if fresh:
+                shutil.rmtree(out.value, ignore_errors=True)
+            first = f": {reasons[0]}" + (f" (and {len(reasons) - 1} more)" if len(reasons) > 1 else "") if reasons else ""
+            sys.exit(f"moee prepare: no clip could be prepared from --input {input_.value}{first}")
         print(report.summary())
         if data_dir.value is None:
             return
-        if not report.done and not report.cached:
-            sys.exit(f"moee prepare: no clip could be prepared, nothing to build; see {out.value}/report.json")
         from moee_jax.data.builders.talking_face_clips import build
 
         try:
@@ -218,8 +259,16 @@ def _train() -> None:
     def main(argv):
         del argv
         # Multi-host set-up must come before anything touches JAX's backends.
+        from moee_jax import checks
+        from moee_jax.configs import training as training_configs
         from moee_jax.train.distributed import initialize_distributed
 
+        try:  # before anything is built or written
+            training_configs.check(config.value)
+            checks.number(max_steps.value, "--max_steps", minimum=1, integer=True)
+            checks.writable_location(run_dir.value, "--run_dir", kind="folder")
+        except checks.UsageError as e:
+            sys.exit(f"moee train: {e}")
         info = initialize_distributed()
         from moee_jax.train.trainer import TrainingError, train
 
@@ -266,7 +315,7 @@ def _animate() -> None:
 
     def main(argv):
         del argv
-        from moee_jax import console
+        from moee_jax import checks, console
         from moee_jax.checkpoint.run import RunError
         from moee_jax.inference.animator import Animator
         from moee_jax.inference.batch import animate_batch
@@ -281,6 +330,10 @@ def _animate() -> None:
                   "--emotion_text": emotion_text.value, "--emotion_video": emotion_video.value,
                   "--emotion_from_audio": emotion_from_audio.value or None, "--frames_dir": frames_dir.value}  # fmt: skip
         try:
+            try:
+                checks.number(seed.value, "--seed", minimum=0, integer=True)
+            except checks.UsageError as e:
+                raise InputError(str(e)) from None
             if batch.value is not None:
                 clash = [name for name, value in single.items() if value is not None]
                 if clash:
@@ -291,6 +344,10 @@ def _animate() -> None:
                     on_row=lambda line, entry: print(f"line {line}: " + (f"wrote {entry['out']}" if "out" in entry else f"skipped: {entry['error']}")),
                     **options,
                 )  # fmt: skip
+                if result["failed"] and not result["done"]:
+                    first = result["failed"][0]
+                    sys.exit(f"moee animate: every row of --batch {batch.value} failed, nothing written (line {first['line']}: "
+                             f"{first['error']})")  # fmt: skip
                 if result["failed"]:
                     sys.exit(f"moee animate: {len(result['failed'])} of {result['rows']} manifest rows failed; see {result['report']}")
                 print(f"wrote {len(result['done'])} videos; report {result['report']}")
@@ -331,6 +388,28 @@ def _eval_settings_flags():
         ),  # fmt: skip
         "reader_steps": flags.DEFINE_integer("reader_steps", 3000, "Training steps of a new reader."),
     }
+
+
+def _check_eval_flags(f, command: str, **extra) -> None:
+    """The sampler and reader flags of eval / ablate / ladder (and ``extra``: flag → (value, bounds
+    or allowed names)), checked before the run is read; exits with the flag named."""
+    from moee_jax import checks
+    from moee_jax.diffusion import SAMPLERS
+
+    try:
+        checks.number(f["steps"].value, "--steps", minimum=1, integer=True)
+        checks.one_of(f["sampler"].value, "--sampler", SAMPLERS)
+        checks.number(f["seed"].value, "--seed", minimum=0, integer=True)
+        checks.number(f["reader_steps"].value, "--reader_steps", minimum=1, integer=True)
+        if f["reader"].value is not None and pathlib.Path(f["reader"].value).exists():
+            checks.input_file(f["reader"].value, "--reader")
+        for flag, (value, rule) in extra.items():
+            if isinstance(rule, dict):
+                checks.number(value, flag, **rule)
+            else:
+                checks.one_of(value, flag, rule)
+    except checks.UsageError as e:
+        sys.exit(f"moee {command}: {e}")
 
 
 def _settings(f):
@@ -388,6 +467,7 @@ def _eval() -> None:
         from moee_jax.inference.inputs import InputError
 
         run_dir = _run_dir_arg(argv, run_flag, "eval")
+        _check_eval_flags(f, "eval")
         out_dir = pathlib.Path(out.value or pathlib.Path(run_dir) / "eval")
         try:
             resolve_checkpoint(run_dir)  # a missing or unfinished run fails before anything is written
@@ -424,6 +504,10 @@ def _ablate() -> None:
         from moee_jax.train.trainer import TrainingError
 
         run_dir = _run_dir_arg(argv, run_flag, "ablate")
+        from moee_jax.eval.ablation import ABLATIONS
+
+        _check_eval_flags(f, "ablate", **{"--variants": (variants.value, tuple(ABLATIONS)),
+                                          "--train_steps": (steps.value, dict(minimum=1, integer=True))})  # fmt: skip
         out_dir = pathlib.Path(out.value or pathlib.Path(run_dir) / "ablate")
         try:
             resolve_checkpoint(run_dir)  # a missing or unfinished run fails before anything is written
@@ -457,6 +541,10 @@ def _ladder() -> None:
         from moee_jax.train.trainer import TrainingError
 
         run_dir = _run_dir_arg(argv, run_flag, "ladder")
+        from moee_jax.eval.ladder import RUNGS
+
+        _check_eval_flags(f, "ladder", **{"--rungs": (rungs.value, RUNGS), "--identities": (identities.value, dict(minimum=1, integer=True)),
+                                          "--overfit_steps": (overfit_steps.value, dict(minimum=1, integer=True))})  # fmt: skip
         try:
             d, n = (data_dir.value, dataset.value) if data_dir.value and dataset.value else run_dataset(run_dir)
             with _log_file(pathlib.Path(run_dir) / "ladder.log"):
@@ -580,9 +668,15 @@ def _required(flag) -> bool:
 
 def run(argv: list[str] | None = None) -> None:
     argv = list(sys.argv if argv is None else argv)
-    if len(argv) < 2 or argv[1] not in (*COMMANDS, "analyze"):
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
         print(__doc__)
-        sys.exit(0 if len(argv) > 1 and argv[1] in ("-h", "--help") else 2)
+        sys.exit(0 if len(argv) > 1 else 2)
+    if argv[1] not in (*COMMANDS, "analyze"):
+        import difflib
+
+        close = difflib.get_close_matches(argv[1], [*COMMANDS, "analyze"], n=1)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        sys.exit(f"moee: unknown command {argv[1]!r}; {hint}`moee --help` lists the commands")
     command = argv[1]
     if command == "analyze":  # argparse-based (python -m moee_jax.analysis)
         from moee_jax.analysis.__main__ import main as analyze
@@ -596,11 +690,14 @@ def run(argv: list[str] | None = None) -> None:
     # jax's backend probe would report every platform it did not find (TPU, GPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     before = set(flags.FLAGS)
-    main = COMMANDS[command]()
+    try:  # ml_collections reads --config overrides from sys.argv as the flag is defined
+        main = COMMANDS[command]()
+    except Exception as e:  # noqa: BLE001 - a bad override or config file is the user's input
+        sys.exit(f"moee {command}: {flag_error(e, [underscored(a) for a in argv[2:]])}")
     if any(a in ("-h", "--help") for a in argv[2:]):
         print(command_help(command, set(flags.FLAGS) - before))
         sys.exit(0)
-    full = [f"moee {command}"] + _config_paths([underscored(a) for a in argv[2:]])
+    full = [f"moee {command}"] + _config_paths([_negated(underscored(a)) for a in argv[2:]])
     try:  # the flags (and --config with its overrides) as one line each, before absl's own parse
         remaining = flags.FLAGS(full)
         config = flags.FLAGS["config"].value if "config" in flags.FLAGS else None
@@ -624,6 +721,10 @@ def flag_error(error: BaseException, args: list[str] = ()) -> str:
     lines = [line.strip() for line in text.splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
+    unknown = re.match(r"Unknown command line flag '([^']+)'(?:\. Did you mean: ([^?]+) \?)?", lines[0])
+    if unknown:
+        hint = f" (did you mean --{unknown.group(2).strip()}?)" if unknown.group(2) else ""
+        return f"--{unknown.group(1)}: unknown flag{hint}; `--help` lists the flags"
     if "Failed loading config file" in text:
         shipped = ", ".join(sorted(p.name for p in CONFIGS.glob("*.py") if not p.name.startswith("_")))
         return f"--config: cannot read {lines[-2] if len(lines) > 1 else 'the file'} ({lines[-1]}); give a path or a shipped config: {shipped}"
@@ -647,6 +748,16 @@ def _config_paths(args: list[str]) -> list[str]:
         elif arg == "--config" and i + 1 < len(out):
             out[i + 1] = resolve_config(out[i + 1])
     return out
+
+
+def _negated(arg: str) -> str:
+    """``--no_warmup`` → absl's ``--nowarmup`` for a boolean flag ``warmup`` (unless ``no_warmup``
+    is itself a flag, like animate's ``--no_detect``)."""
+    name = arg.removeprefix("--no_")
+    if arg.startswith("--no_") and "=" not in arg and arg[2:] not in flags.FLAGS and name in flags.FLAGS \
+            and isinstance(flags.FLAGS[name], flags.BooleanFlag):  # fmt: skip
+        return "--no" + name
+    return arg
 
 
 def underscored(arg: str) -> str:

@@ -87,20 +87,35 @@ def configure(verbose: bool = False) -> None:
 
 @contextlib.contextmanager
 def log_to(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
-    """Append every INFO-and-above record and every console line to ``path`` while the block runs."""
+    """Append every INFO-and-above record and every console line to ``path`` while the block runs.
+
+    A command that fails before writing anything else leaves nothing behind: when the block raises
+    and the log is alone in a folder this call created, both go (with the other folders it created,
+    if empty). A log beside other outputs, e.g. of a run that failed after hours, is kept."""
     path = pathlib.Path(path)
+    created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
+    existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger().addHandler(handler)
     _files.append(handler)
+    failed = False
     try:
         yield path
+    except BaseException:
+        failed = True
+        raise
     finally:
         _files.remove(handler)
         logging.getLogger().removeHandler(handler)
         handler.close()
+        if failed and not existed and created and [p.name for p in path.parent.iterdir()] == [path.name]:
+            path.unlink(missing_ok=True)
+            for d in created:  # innermost first
+                with contextlib.suppress(OSError):
+                    d.rmdir()  # only if empty
 
 
 def line(text: str, *, file=None) -> None:
@@ -145,8 +160,7 @@ def progress(total: int | None, desc: str, unit: str = "it"):
     from tqdm import tqdm
 
     tty = sys.stderr.isatty()
-    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=tty, mininterval=0.5 if tty else 60.0,
-                dynamic_ncols=True)  # fmt: skip
+    return tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, mininterval=0.5 if tty else 60.0, dynamic_ncols=True)
 
 
 def bar_progress(bar):

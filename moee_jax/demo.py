@@ -28,13 +28,18 @@ dataset, finished stages and the reader.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import pathlib
 import time
 
 from ml_collections import ConfigDict
 
 from moee_jax import console
+
+log = logging.getLogger("moee_jax.demo")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -50,7 +55,10 @@ def _build_data(config: ConfigDict, data_dir: pathlib.Path, *, held_out_only: bo
     name = d.pop("name") + ("_heldout" if held_out_only else "")
     if held_out_only:
         d["splits"] = ("test",)  # the same held-out identities and seeds; no training clips
-    build(SyntheticConfig(name=name, **d), str(data_dir))
+    with contextlib.redirect_stdout(io.StringIO()) as said:  # TFDS prints where it builds: the log file's
+        build(SyntheticConfig(name=name, **d), str(data_dir))
+    for text in said.getvalue().splitlines():
+        log.info("%s", text)
     return f"synthetic_talking_faces/{name}"
 
 
@@ -123,7 +131,8 @@ def _run(config: ConfigDict, out: pathlib.Path, shipped: pathlib.Path | None) ->
             c = ConfigDict(config.stages[stage].to_dict())
             c.data.data_dir = str(out / "data")
             c.data.name = name
-            with console.phase(stage, f"{int(c.train.steps)} steps → {run_dir / stage}") as p:
+            steps = int(c.train.steps)
+            with console.phase(stage, f"{steps} steps → {run_dir / stage}" if steps else "nothing to train") as p:
                 result = Trainer(c, run_dir).run()
                 jsonl = run_dir / stage / "metrics.jsonl"
                 logged = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []

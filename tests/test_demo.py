@@ -52,7 +52,7 @@ def test_without_the_shipped_checkpoint_the_demo_trains_the_short_recipe():
 
 
 @pytest.mark.slow  # several CPU minutes: `make test-slow`
-def test_demo_runs_end_to_end_from_scratch_and_a_rerun_reuses_everything(tmp_path):
+def test_demo_runs_end_to_end_from_scratch_and_a_rerun_reuses_everything(tmp_path, capsys):
     from moee_jax.demo import run_demo
 
     c = demo.get_config("cpu")
@@ -65,6 +65,12 @@ def test_demo_runs_end_to_end_from_scratch_and_a_rerun_reuses_everything(tmp_pat
     c.ablate.variants = ("full", "no_moe")
     summary = run_demo(c, tmp_path / "demo", from_scratch=True)
     out = tmp_path / "demo"
+    printed = capsys.readouterr().out.splitlines()  # the console: a line per phase start and end, a summary
+    assert len(printed) <= 60, printed
+    for phase in ("data", "vae", "stage1", "stage2", "reader", "animate and score", "ablations"):
+        assert any(line.startswith(f"✓ {phase} in ") for line in printed), (phase, printed)
+    log = (out / "demo.log").read_text()
+    assert "✓ stage2 in " in log and " I absl: " in log  # the full log, library records included
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["emotion"]["num_clips"] == 7 and metrics["compounds"]["num_clips"] == len(c.animate.compounds)
     assert metrics["ceiling"]["emotion"]["num_clips"] == 7  # the instrument's ceiling beside the generated numbers

@@ -12,7 +12,9 @@ import dataclasses
 import pathlib
 import sys
 
+from moee_jax import checks
 from moee_jax.analysis.report import AnalysisSettings, analyze_run
+from moee_jax.emotions import canonical_emotion
 
 
 def parser() -> argparse.ArgumentParser:
@@ -41,8 +43,24 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")  # files only, no display
     args = parser().parse_args(argv)
     pair = tuple(e.strip() for e in args.pair.split(","))
-    if len(pair) != 2:
-        parser().error(f"--pair {args.pair!r}: give two emotions, e.g. happy,sad")
+    try:  # every flag before the run is read or anything is written
+        if len(pair) != 2:
+            raise checks.UsageError(f"--pair {args.pair!r}: give two emotions, e.g. happy,sad")
+        for emotion in pair:
+            try:
+                canonical_emotion(emotion)
+            except ValueError as e:
+                raise checks.UsageError(f"--pair {args.pair!r}: {e}") from None
+        checks.number(args.windows_per_clip, "--windows_per_clip", minimum=1, integer=True)
+        checks.number(args.max_clips, "--max_clips", minimum=1, integer=True)
+        checks.number(args.timestep, "--timestep", minimum=0, integer=True)
+        checks.number(args.alphas, "--alphas", minimum=2, integer=True)
+        checks.number(args.steps, "--steps", minimum=1, integer=True)
+        checks.number(args.seconds, "--seconds", above=0)
+        checks.number(args.seed, "--seed", minimum=0, integer=True)
+    except checks.UsageError as e:
+        print(f"moee analyze: {e}", file=sys.stderr)
+        return 1
     settings = dataclasses.replace(
         AnalysisSettings(), split=args.split, windows_per_clip=args.windows_per_clip, max_clips=args.max_clips, timestep=args.timestep,
         interpolate=not args.no_interpolation, pair=pair, alphas=args.alphas, steps=args.steps, seconds=args.seconds, seed=args.seed,

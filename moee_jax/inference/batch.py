@@ -14,6 +14,7 @@ import pathlib
 import time
 from collections.abc import Callable
 
+from moee_jax import checks
 from moee_jax.atomic import atomic_write_text
 from moee_jax.inference import inputs as inputs_lib
 from moee_jax.inference.animator import Animator
@@ -75,14 +76,19 @@ def animate_batch(
     reported, and the run goes on. ``options`` go to :meth:`Animator.animate` (``steps``,
     ``sampler``, ``guidance``, ``seed``, ``detect``) and :func:`save_animation` (``paste``).
 
-    The report (``report``, default ``<manifest>.report.json``) is rewritten after every row, so
-    finished work is on record even if the job is killed: ``{"manifest", "rows", "done": [{"line",
-    "out", "seconds"}], "failed": [{"line", "error"}]}``. ``on_row(line, entry)`` follows each row.
-    → the report.
+    The report (``report``, default ``<manifest>.report.json``) is rewritten after every row from
+    the first video written on, so finished work is on record even if the job is killed:
+    ``{"manifest", "rows", "done": [{"line", "out", "seconds"}], "failed": [{"line", "error"}]}``;
+    a job in which every row failed writes nothing (``result["report"]`` is None) and the failures
+    are in the result. ``on_row(line, entry)`` follows each row. → the result.
     """
     manifest = pathlib.Path(manifest)
     rows = read_manifest(manifest)
     report_path = pathlib.Path(report) if report is not None else manifest.with_suffix(".report.json")
+    try:
+        checks.writable_location(report_path, "--report")
+    except checks.UsageError as e:
+        raise InputError(str(e)) from None
     base = manifest.parent
     paste = bool(options.pop("paste", False))
     result: dict = {"manifest": str(manifest), "rows": len(rows), "done": [], "failed": []}
@@ -107,10 +113,11 @@ def animate_batch(
         except (InputError, ValueError, OSError, RuntimeError) as e:
             entry = {"line": line, "image": row.get("image", ""), "error": f"{e}"}
             result["failed"].append(entry)
-        atomic_write_text(report_path, json.dumps(result, indent=2))
+        if result["done"]:
+            atomic_write_text(report_path, json.dumps(result, indent=2))
         if on_row is not None:
             on_row(line, entry)
-    result["report"] = str(report_path)
+    result["report"] = str(report_path) if result["done"] else None
     return result
 
 

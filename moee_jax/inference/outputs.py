@@ -17,6 +17,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image
 
+from moee_jax import checks
 from moee_jax.atomic import atomic_directory, atomic_write_text
 from moee_jax.data.audio import SAMPLE_RATE
 from moee_jax.inference import inputs as inputs_lib
@@ -27,12 +28,19 @@ from moee_jax.inference.job import Animation
 
 def check_outputs(out: str | os.PathLike, frames_dir: str | os.PathLike | None = None) -> None:
     """Refuse, before any work, outputs that could not be written: ``out`` not an ``.mp4`` path or a
-    directory, ``frames_dir`` an existing non-empty folder or a file."""
+    directory, or in a place where nothing can be written (:func:`moee_jax.checks.writable_location`);
+    ``frames_dir`` an existing non-empty folder or a file."""
     out = pathlib.Path(out)
     if out.suffix.lower() != ".mp4":
         raise InputError(f"--out {out}: the video is written as MP4; give a path ending in .mp4")
     if out.is_dir():
         raise InputError(f"--out {out}: is a directory; give a file path ending in .mp4")
+    try:
+        checks.writable_location(out, "--out")
+        if frames_dir is not None:
+            checks.writable_location(frames_dir, "--frames_dir", kind="folder")
+    except checks.UsageError as e:
+        raise InputError(str(e)) from None
     if frames_dir is not None:
         d = pathlib.Path(frames_dir)
         if d.exists() and (not d.is_dir() or any(d.iterdir())):

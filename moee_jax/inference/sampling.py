@@ -56,8 +56,8 @@ def sampling_settings(config, schedule, *, steps: int | None = None, sampler: st
         if name not in CONDITION_ORDER:
             raise ValueError(f"unknown guidance condition {name!r}; expected one of {CONDITION_ORDER}")
         if value is not None:
-            if not math.isfinite(float(value)):
-                raise InputError(f"--cfg_{name} {value}: a guidance scale must be a finite number (1 = no guidance)")
+            if not math.isfinite(float(value)) or float(value) < 0:
+                raise InputError(f"--cfg_{name} {value}: a guidance scale must be a finite number >= 0 (1 = no guidance)")
             scales[name] = float(value)
     return {"plan": plan, "scales": scales, "name": cfg.name, "steps": cfg.num_steps}
 

@@ -36,6 +36,7 @@ from ml_collections import ConfigDict
 
 from moee_jax import console
 from moee_jax.checkpoint import run as run_lib
+from moee_jax.configs import training as training_configs
 from moee_jax.data import feature_cache
 from moee_jax.data import pipeline as data_pipeline
 from moee_jax.parallel.mesh import make_mesh
@@ -88,6 +89,7 @@ class Trainer:
     def __init__(self, config: ConfigDict, run_dir: str | pathlib.Path, *, source=None):
         if config.stage not in run_lib.STAGES:
             raise TrainingError(f"config.stage={config.stage!r}; choose one of {run_lib.STAGES}")
+        training_configs.check(config)  # numbers in range, before anything is built
         self.config = config
         self.layout = run_lib.RunDir.of(run_dir)
         self.run_dir, self.dir = self.layout.root, self.layout.stage(config.stage)
