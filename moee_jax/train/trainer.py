@@ -23,7 +23,6 @@ import dataclasses
 import json
 import logging
 import pathlib
-import signal
 import time
 from collections.abc import Callable
 
@@ -43,6 +42,7 @@ from moee_jax.parallel.mesh import make_mesh
 from moee_jax.parallel.rules import rules_from_config
 from moee_jax.parallel.sharding import batch_shardings, to_global, tree_shardings
 from moee_jax.train import metrics as metrics_lib
+from moee_jax.train import stop_signals
 from moee_jax.train.optim import lr_schedule, make_optimizer
 from moee_jax.train.partition import count, is_trainable, merge_params, split_params
 from moee_jax.train.stages import Stage, make_stage
@@ -281,15 +281,6 @@ class Trainer:
         self.state = state
         start = int(state.step)
         stop_at = total if max_steps is None else min(total, start + max_steps)
-        interrupted = {"signal": None}
-        previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-
-        def on_signal(signum, frame):
-            interrupted["signal"] = signum
-
-        if _main_thread():
-            for s in previous:
-                signal.signal(s, on_signal)
         writer = metrics_lib.MetricsWriter(str(self.layout.tensorboard(cfg.stage)), enabled=jax.process_index() == 0,
                                            purge_step=start if start else None)  # fmt: skip
         progress = metrics_lib.ProgressLine(total)
@@ -297,72 +288,64 @@ class Trainer:
         losses: dict[int, float] = {}
         log_every, patience, examples = int(t.log_every), int(t.nan_patience), int(t.batch_size)
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], cfg.dtype)
-        try:
-            if start >= stop_at:
-                if start == total and not (self.layout.final(cfg.stage) / "params").exists():
-                    self.export_final(state)  # a stage with nothing to train (steps = 0) still exports
-                return TrainResult(cfg.stage, 0, start, losses, str(self.run_dir), False, int(state.skipped))
-            t_last, steps_since, step = time.perf_counter(), 0, start
-            while step < stop_at:
-                batch = to_global(next(iterator), self.batch_shardings)
-                if self._compiled is None:
-                    self.compile(state, batch)
-                state, out = self._compiled(state, batch, self.extra)
-                self.state = state
-                step += 1
-                steps_since += 1
-                if step % log_every == 0 or step == stop_at:
-                    values = {k: float(v) for k, v in jax.device_get(out).items()}
-                    sps = steps_since / max(time.perf_counter() - t_last, 1e-9)
-                    values.update(steps_per_s=sps, examples_per_s=sps * examples)
-                    values.update(self.diagnose(state, batch, step))
-                    t_last, steps_since = time.perf_counter(), 0  # the diagnostics' time is not a step's
-                    mfu = metrics_lib.mfu(self.step_flops, sps, jax.device_count(), peak)
-                    if mfu is not None:
-                        values["mfu"] = mfu
-                    losses[step] = values["loss"]
-                    writer.scalars(step, values)
-                    if jsonl is not None:
-                        jsonl.write(json.dumps({"step": step, **values}) + "\n")
-                        jsonl.flush()
-                    if jax.process_index() == 0:
-                        console.line(progress.format(step, values))
-                    bad = int(state.bad_steps)
-                    if bad >= patience:
+        with stop_signals.catch() as stop:  # SIGTERM / Ctrl-C: save at the end of the step and stop
+            try:
+                if start >= stop_at:
+                    if start == total and not (self.layout.final(cfg.stage) / "params").exists():
+                        self.export_final(state)  # a stage with nothing to train (steps = 0) still exports
+                    return TrainResult(cfg.stage, 0, start, losses, str(self.run_dir), False, int(state.skipped))
+                t_last, steps_since, step = time.perf_counter(), 0, start
+                while step < stop_at:
+                    batch = to_global(next(iterator), self.batch_shardings)
+                    if self._compiled is None:
+                        self.compile(state, batch)
+                    state, out = self._compiled(state, batch, self.extra)
+                    self.state = state
+                    step += 1
+                    steps_since += 1
+                    if step % log_every == 0 or step == stop_at:
+                        values = {k: float(v) for k, v in jax.device_get(out).items()}
+                        sps = steps_since / max(time.perf_counter() - t_last, 1e-9)
+                        values.update(steps_per_s=sps, examples_per_s=sps * examples)
+                        values.update(self.diagnose(state, batch, step))
+                        t_last, steps_since = time.perf_counter(), 0  # the diagnostics' time is not a step's
+                        mfu = metrics_lib.mfu(self.step_flops, sps, jax.device_count(), peak)
+                        if mfu is not None:
+                            values["mfu"] = mfu
+                        losses[step] = values["loss"]
+                        writer.scalars(step, values)
+                        if jsonl is not None:
+                            jsonl.write(json.dumps({"step": step, **values}) + "\n")
+                            jsonl.flush()
+                        if jax.process_index() == 0:
+                            console.line(progress.format(step, values))
+                        bad = int(state.bad_steps)
+                        if bad >= patience:
+                            manager.wait_until_finished()
+                            raise TrainingError(
+                                f"{cfg.stage}: {bad} non-finite steps in a row at step {step} (updates skipped; last "
+                                f"finite checkpoint in {self.layout.checkpoints(cfg.stage)}). Lower train.learning_rate, raise "
+                                "train.warmup_steps or check the data."
+                            )
+                    run_lib.save_state(manager, step, state, iterator, config_json)
+                    if stop:
+                        if manager.latest_step() != step:
+                            run_lib.save_state(manager, step, state, iterator, config_json, force=True)
                         manager.wait_until_finished()
-                        raise TrainingError(
-                            f"{cfg.stage}: {bad} non-finite steps in a row at step {step} (updates skipped; last "
-                            f"finite checkpoint in {self.layout.checkpoints(cfg.stage)}). Lower train.learning_rate, raise "
-                            "train.warmup_steps or check the data."
-                        )
-                run_lib.save_state(manager, step, state, iterator, config_json)
-                if interrupted["signal"] is not None:
-                    if manager.latest_step() != step:
-                        run_lib.save_state(manager, step, state, iterator, config_json, force=True)
-                    manager.wait_until_finished()
-                    log.warning("%s: saved %s at step %d and stopped", signal.Signals(interrupted["signal"]).name, cfg.stage, step)
-                    return TrainResult(cfg.stage, step - start, step, losses, str(self.run_dir), True, int(state.skipped))
-            if manager.latest_step() != step:
-                run_lib.save_state(manager, step, state, iterator, config_json, force=True)
-            manager.wait_until_finished()
-            if step == total:
-                self.export_final(state)
-            return TrainResult(cfg.stage, step - start, step, losses, str(self.run_dir), False, int(state.skipped))
-        finally:
-            manager.wait_until_finished()
-            manager.close()
-            writer.close()
-            if jsonl is not None:
-                jsonl.close()
-            if _main_thread():
-                for s, handler in previous.items():
-                    signal.signal(s, handler)
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
+                        log.warning("%s: saved %s at step %d and stopped", stop.name, cfg.stage, step)
+                        return TrainResult(cfg.stage, step - start, step, losses, str(self.run_dir), True, int(state.skipped))
+                if manager.latest_step() != step:
+                    run_lib.save_state(manager, step, state, iterator, config_json, force=True)
+                manager.wait_until_finished()
+                if step == total:
+                    self.export_final(state)
+                return TrainResult(cfg.stage, step - start, step, losses, str(self.run_dir), False, int(state.skipped))
+            finally:
+                manager.wait_until_finished()
+                manager.close()
+                writer.close()
+                if jsonl is not None:
+                    jsonl.close()
 
 
 def train(config: ConfigDict, run_dir: str | pathlib.Path, *, max_steps: int | None = None) -> TrainResult:
