@@ -678,15 +678,17 @@ def run(argv: list[str] | None = None) -> None:
         hint = f"did you mean {close[0]!r}? " if close else ""
         sys.exit(f"moee: unknown command {argv[1]!r}; {hint}`moee --help` lists the commands")
     command = argv[1]
-    if command == "analyze":  # argparse-based (python -m moee_jax.analysis)
-        from moee_jax.analysis.__main__ import main as analyze
-
-        sys.exit(analyze([underscored(a) for a in argv[2:]]))
     from moee_jax import console
 
     argv[2:] = ["--verbosity=1" if a == "-v" else a for a in argv[2:]]
     if not any(a.startswith("--verbosity") for a in argv[2:]):
         console.quiet_native_logs()
+    if command == "analyze":  # argparse-based (python -m moee_jax.analysis)
+        from moee_jax.analysis.__main__ import main as analyze
+
+        flags.FLAGS.mark_as_parsed()  # absl's log handler, used by console, needs parsed flags (none here)
+        console.configure(verbose=any(a.startswith("--verbosity") for a in argv[2:]))
+        sys.exit(analyze([underscored(a) for a in argv[2:] if not a.startswith("--verbosity")]))
     # jax's backend probe would report every platform it did not find (TPU, GPU).
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     before = set(flags.FLAGS)

@@ -12,7 +12,7 @@ import dataclasses
 import pathlib
 import sys
 
-from moee_jax import checks
+from moee_jax import checks, console
 from moee_jax.analysis.report import AnalysisSettings, analyze_run
 from moee_jax.emotions import canonical_emotion
 
@@ -72,8 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     from moee_jax.checkpoint.run import RunError
 
     try:
-        summary = analyze_run(args.run_dir, out, data_dir=args.data_dir, dataset=args.dataset, settings=settings,
-                              progress=lambda message: print(message, file=sys.stderr))  # fmt: skip
+        with console.log_to(out / "analyze.log"):
+            summary = analyze_run(args.run_dir, out, data_dir=args.data_dir, dataset=args.dataset, settings=settings,
+                                  progress=lambda message: console.line(message, file=sys.stderr))  # fmt: skip
     except (RunError, FileNotFoundError, ValueError) as e:
         print(f"moee analyze: {str(e).replace('--checkpoint ', 'RUN ')}", file=sys.stderr)
         return 1
