@@ -686,7 +686,6 @@ def run(argv: list[str] | None = None) -> None:
     if command == "analyze":  # argparse-based (python -m moee_jax.analysis)
         from moee_jax.analysis.__main__ import main as analyze
 
-        flags.FLAGS.mark_as_parsed()  # absl's log handler, used by console, needs parsed flags (none here)
         console.configure(verbose=any(a.startswith("--verbosity") for a in argv[2:]))
         sys.exit(analyze([underscored(a) for a in argv[2:] if not a.startswith("--verbosity")]))
     # jax's backend probe would report every platform it did not find (TPU, GPU).

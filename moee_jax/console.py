@@ -60,21 +60,33 @@ def quiet_native_logs() -> None:
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 
+class _Terminal(logging.StreamHandler):
+    """stderr as it is when a record comes (a test's capture, a redirected stream), not at start-up."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
+_terminal = _Terminal()
+_terminal.addFilter(_Once())
+
+
 def configure(verbose: bool = False) -> None:
     """Route records: WARNING and above to the terminal, each once (INFO too when ``verbose``); every
-    record at INFO and above to the log files of :func:`log_to`."""
+    record at INFO and above to the log files of :func:`log_to`. Replaces absl's own stderr handler,
+    which ``absl.app.run`` installs."""
     from absl import logging as absl_logging
 
     absl_logging.set_verbosity(absl_logging.INFO)  # records are made; the handlers choose where they go
-    handler = absl_logging.get_absl_handler()
-    handler.setLevel(logging.INFO if verbose else logging.WARNING)
-    # "warning: …" rather than absl's "W1202 07:04:47.696508 1402… file.py:73] …", unless verbose.
-    handler.setFormatter(absl_logging.PythonFormatter() if verbose else _Short())
-    if not any(isinstance(f, _Once) for f in handler.filters):
-        handler.addFilter(_Once())
     root = logging.getLogger()
-    if handler not in root.handlers:
-        root.addHandler(handler)
+    if absl_logging.get_absl_handler() in root.handlers:
+        root.removeHandler(absl_logging.get_absl_handler())
+    _terminal.setLevel(logging.INFO if verbose else logging.WARNING)
+    # "warning: …" rather than absl's "W1202 07:04:47.696508 1402… file.py:73] …", unless verbose.
+    _terminal.setFormatter(absl_logging.PythonFormatter() if verbose else _Short())
+    if _terminal not in root.handlers:
+        root.addHandler(_terminal)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # Python warnings become records: once on the terminal, all in the file
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # the backends it did not find
