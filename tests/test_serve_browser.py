@@ -125,7 +125,7 @@ def _set_number(driver, elem_id, value):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
 
-    box = driver.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]")
+    box = _wait(driver, lambda d: d.find_element(By.CSS_SELECTOR, f"#{elem_id} input[type=number]"))  # rendered late under load
     box.send_keys(Keys.CONTROL, "a")
     box.send_keys(str(value), Keys.TAB)
 

@@ -32,8 +32,10 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import os
+import pathlib
 import re
 import struct
 import time
@@ -41,6 +43,8 @@ from collections.abc import Iterator, Mapping
 
 import jax
 import numpy as np
+
+from moee_jax.atomic import atomic_write_text
 
 # --- TensorBoard event files ---------------------------------------------------------------------
 
@@ -410,3 +414,22 @@ class ProgressLine:
                 timing["mfu"] = utilisation
         self._mark = (int(step), now)
         return self.format(step, {**{k: v for k, v in scalars.items() if k not in TIMING_KEYS}, **timing})
+
+
+def open_jsonl(path: pathlib.Path, start: int):
+    """``metrics.jsonl`` opened for appending from step ``start``: the lines of later steps (logged
+    before a kill, after the checkpoint a resume goes back to) are dropped first, so that every
+    step appears once and the file is what an uninterrupted run writes."""
+    path = pathlib.Path(path)
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if line.strip() and _step_of(line) <= start]
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
+    return path.open("a")
+
+
+def _step_of(line: str) -> int:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):  # a line cut short by a kill
+        return 1 << 62
+

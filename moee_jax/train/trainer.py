@@ -284,7 +284,7 @@ class Trainer:
         writer = metrics_lib.MetricsWriter(str(self.layout.tensorboard(cfg.stage)), enabled=jax.process_index() == 0,
                                            purge_step=start if start else None)  # fmt: skip
         progress = metrics_lib.ProgressLine(total)
-        jsonl = self.layout.metrics(cfg.stage).open("a") if jax.process_index() == 0 else None
+        jsonl = metrics_lib.open_jsonl(self.layout.metrics(cfg.stage), start) if jax.process_index() == 0 else None
         losses: dict[int, float] = {}
         log_every, patience, examples = int(t.log_every), int(t.nan_patience), int(t.batch_size)
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], cfg.dtype)
