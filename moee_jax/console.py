@@ -42,10 +42,24 @@ class _Once(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         key = (record.name, record.getMessage())
-        if key in self.seen or key[1].startswith(_FILE_ONLY):
+        if key in self.seen or key[1].startswith(_FILE_ONLY) or _disk_full(record):
             return False
         self.seen.add(key)
         return True
+
+
+def _disk_full(record: logging.LogRecord) -> bool:
+    """A record of a write that found the disk full: Orbax and asyncio log one per array and task;
+    the command's own message says it once."""
+    text = record.getMessage() + (str(record.exc_info[1]) if record.exc_info else "")
+    return "No space left on device" in text or "RESOURCE_EXHAUSTED: Error writing" in text
+
+
+class _LogFile(logging.FileHandler):
+    """A log file that stays quiet when it cannot be written (a full disk): the run goes on."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        pass
 
 
 class _Short(logging.Formatter):
@@ -72,6 +86,21 @@ _terminal = _Terminal()
 _terminal.addFilter(_Once())
 
 
+def _closed_loop_hook(hook):
+    """``sys.excepthook`` without the "Event loop is closed" errors that TensorStore's callbacks
+    print once Orbax has shut its event loop after a failed or abandoned asynchronous read or write
+    (one per pending array; the command reports the failure itself)."""
+
+    def excepthook(kind, value, tb):
+        if issubclass(kind, RuntimeError) and str(value) == "Event loop is closed":
+            logging.getLogger("moee_jax.console").info("ignored after a failed asynchronous checkpoint I/O: %s", value)
+            return
+        hook(kind, value, tb)
+
+    excepthook.quiets_closed_loops = True
+    return excepthook
+
+
 def configure(verbose: bool = False) -> None:
     """Route records: WARNING and above to the terminal, each once (INFO too when ``verbose``); every
     record at INFO and above to the log files of :func:`log_to`. Replaces absl's own stderr handler,
@@ -89,6 +118,8 @@ def configure(verbose: bool = False) -> None:
         root.addHandler(_terminal)
     root.setLevel(logging.INFO)
     logging.captureWarnings(True)  # Python warnings become records: once on the terminal, all in the file
+    if not getattr(sys.excepthook, "quiets_closed_loops", False):
+        sys.excepthook = _closed_loop_hook(sys.excepthook)
     logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)  # the backends it did not find
     if not verbose:
         with contextlib.suppress(ImportError):
@@ -108,7 +139,7 @@ def log_to(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
     created = [d for d in (path.parent, *path.parent.parents) if not d.exists()]
     existed = path.exists()
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, encoding="utf-8")
+    handler = _LogFile(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT))
     logging.getLogger().addHandler(handler)
@@ -122,7 +153,8 @@ def log_to(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
     finally:
         _files.remove(handler)
         logging.getLogger().removeHandler(handler)
-        handler.close()
+        with contextlib.suppress(OSError):  # a full disk must not hide the command's own error
+            handler.close()
         if failed and not existed and created and [p.name for p in path.parent.iterdir()] == [path.name]:
             path.unlink(missing_ok=True)
             for d in created:  # innermost first

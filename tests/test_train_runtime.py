@@ -122,6 +122,40 @@ def test_ten_random_sigkills_then_resumes_give_the_uninterrupted_run_bit_for_bit
     assert out.returncode == 0
 
 
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 64 MB tmpfs (needs root and CAP_SYS_ADMIN, as in CI's container; skipped elsewhere)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a tmpfs here (needs root and CAP_SYS_ADMIN)")
+    yield disk
+    subprocess.run(["umount", str(disk)], capture_output=True)
+
+
+@pytest.mark.slow  # two training processes (1–3 CPU minutes)
+def test_a_full_disk_during_a_save_stops_with_one_message_and_the_run_resumes_once_space_is_freed(synthetic_tfds, small_disk):
+    data_dir, _ = synthetic_tfds
+    run = small_disk / "run"
+    args, env = _moee_train(run, data_dir, "--config.train.steps=40", "--config.checkpoint.every_steps=4")
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    checkpoints = run / "vae" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not ((checkpoints / "4").is_dir() and not list(checkpoints.glob("*tmp*"))):
+        time.sleep(0.02)
+    filler = small_disk / "filler"
+    free_kb = os.statvfs(small_disk).f_bavail * os.statvfs(small_disk).f_frsize // 1024
+    subprocess.run(["dd", "if=/dev/zero", f"of={filler}", "bs=1k", f"count={free_kb - 200}"], capture_output=True)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1
+    assert err.strip().splitlines()[-1].startswith("moee train: vae: no space left on the disk of "), err[-3000:]
+    assert "Traceback" not in err and len(err.strip().splitlines()) <= 3, err[-3000:]  # one message, not one per array
+    filler.unlink()  # space again: the same command resumes from the newest complete checkpoint and finishes
+    again = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert sorted(_losses(run)) == list(range(1, 41))
+
+
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(synthetic_tfds, tmp_path):
     data_dir, _ = synthetic_tfds
     args, env = _moee_train(tmp_path, data_dir, "--config.train.steps=100000", "--config.checkpoint.every_steps=100000")

@@ -17,6 +17,7 @@ device (:func:`restore_final`); the stage-2 export of a run is found by :func:`r
 from __future__ import annotations
 
 import dataclasses
+import errno
 import json
 import logging
 import pathlib
@@ -366,6 +367,27 @@ def restore_state(manager: ocp.CheckpointManager, step: int, abstract_state, ite
 
     args = ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(iterator))
     return manager.restore(step, args=args).state
+
+
+def is_disk_full(error: BaseException) -> bool:
+    """Whether ``error`` (or what caused it) is a write that found no space left on the device.
+    Orbax reports TensorStore's ENOSPC as ``ValueError: RESOURCE_EXHAUSTED … No space left``."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if (isinstance(error, OSError) and error.errno == errno.ENOSPC) or "No space left on device" in str(error):
+            return True
+        error = error.__cause__ or error.__context__
+    return False
+
+
+def disk_full_message(run: RunDir, stage: str) -> str:
+    """What to do when a checkpoint write filled the disk; names the newest complete checkpoint."""
+    folder = run.checkpoints(stage)
+    steps = sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+    kept = f"the newest complete checkpoint (step {steps[-1]}) is intact" if steps else "no checkpoint was completed"
+    return (f"{stage}: no space left on the disk of {folder}: a checkpoint could not be written, so training stopped; "
+            f"{kept}. Free space (or give --run_dir on a larger disk) and run the same command to resume.")  # fmt: skip
 
 
 DAMAGED_PREFIX = "damaged."

@@ -288,6 +288,7 @@ class Trainer:
         losses: dict[int, float] = {}
         log_every, patience, examples = int(t.log_every), int(t.nan_patience), int(t.batch_size)
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], cfg.dtype)
+        failing = False
         with stop_signals.catch() as stop:  # SIGTERM / Ctrl-C: save at the end of the step and stop
             try:
                 if start >= stop_at:
@@ -340,9 +341,20 @@ class Trainer:
                 if step == total:
                     self.export_final(state)
                 return TrainResult(cfg.stage, step - start, step, losses, str(self.run_dir), False, int(state.skipped))
+            except BaseException as e:
+                failing = True
+                if run_lib.is_disk_full(e):
+                    raise TrainingError(run_lib.disk_full_message(self.layout, cfg.stage)) from None
+                raise
             finally:
-                manager.wait_until_finished()
-                manager.close()
+                try:  # a save that failed in the background surfaces here
+                    manager.wait_until_finished()
+                    manager.close()
+                except Exception as e:
+                    if not failing and run_lib.is_disk_full(e):
+                        raise TrainingError(run_lib.disk_full_message(self.layout, cfg.stage)) from None
+                    if not failing:
+                        raise
                 writer.close()
                 if jsonl is not None:
                     jsonl.close()
