@@ -97,8 +97,7 @@ def writable_location(path, flag: str, *, kind: str = "file", min_free_mb: float
     if not base.is_dir():
         raise UsageError(f"{flag} {p}: {base} is a file, so nothing can be created under it")
     try:  # a probe, not os.access: root passes os.access on read-only mounts and /proc
-        with tempfile.NamedTemporaryFile(dir=base, prefix=".moee-write-check-"):
-            pass
+        tempfile.NamedTemporaryFile(dir=base, prefix=".moee-write-check-").close()  # created, then removed
     except OSError:
         raise UsageError(f"{flag} {p}: {base} is not writable; choose another location") from None
     try:

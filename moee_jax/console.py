@@ -59,7 +59,7 @@ class _LogFile(logging.FileHandler):
     """A log file that stays quiet when it cannot be written (a full disk): the run goes on."""
 
     def handleError(self, record: logging.LogRecord) -> None:
-        pass
+        """Nothing to print: logging's default would print a traceback per record to stderr."""
 
 
 class _Short(logging.Formatter):
