@@ -142,7 +142,10 @@ def log_to(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
     handler = _LogFile(path, encoding="utf-8")
     handler.setLevel(logging.INFO)
     handler.setFormatter(logging.Formatter(_FORMAT))
-    logging.getLogger().addHandler(handler)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(min(level, logging.INFO) if level else logging.NOTSET)  # INFO records reach the file (a notebook too)
+    root.addHandler(handler)
     _files.append(handler)
     failed = False
     try:
@@ -152,7 +155,8 @@ def log_to(path: str | pathlib.Path) -> Iterator[pathlib.Path]:
         raise
     finally:
         _files.remove(handler)
-        logging.getLogger().removeHandler(handler)
+        root.removeHandler(handler)
+        root.setLevel(level)
         with contextlib.suppress(OSError):  # a full disk must not hide the command's own error
             handler.close()
         if failed and not existed and created and [p.name for p in path.parent.iterdir()] == [path.name]:
