@@ -65,16 +65,6 @@ def input_file(path, flag: str) -> pathlib.Path:
     return p
 
 
-def input_dir(path, flag: str) -> pathlib.Path:
-    """``path`` if it is an existing folder."""
-    p = pathlib.Path(path)
-    if not p.exists():
-        raise UsageError(f"{flag} {p}: no such folder")
-    if not p.is_dir():
-        raise UsageError(f"{flag} {p}: is a file; give a folder")
-    return p
-
-
 def _nearest_existing(p: pathlib.Path) -> pathlib.Path:
     p = p.absolute()
     while not p.exists():
