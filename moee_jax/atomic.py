@@ -19,7 +19,13 @@ PARTIAL_SUFFIX = ".partial"
 
 
 def umask() -> int:
-    """The process umask (read without changing it for longer than the call)."""
+    """The process umask: read from ``/proc/self/status`` where Linux gives it (nothing changes), else
+    by setting and restoring it at once (another thread creating a file in that instant would get mode
+    0666/0777 — acceptable where the kernel offers no read-only way)."""
+    with contextlib.suppress(OSError):
+        for line in pathlib.Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
     mask = os.umask(0)
     os.umask(mask)
     return mask
