@@ -31,7 +31,11 @@ class CrossAttentionSlot(nn.Module):
 
 @pytest.fixture(scope="module")
 def unet():
-    return VideoUNet(ours_unet_config(motion_modules=True, audio_dim=AUDIO_DIM, layers_per_block=1, emotion_slot=CrossAttentionSlot, emotion_dim=EMOTION_DIM))
+    return VideoUNet(
+        ours_unet_config(
+            motion_modules=True, audio_dim=AUDIO_DIM, layers_per_block=1, emotion_slot=CrossAttentionSlot, emotion_dim=EMOTION_DIM
+        )
+    )
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +100,20 @@ def test_emotion_slot_receives_the_emotion_tokens(run, inputs, params):
     block = params["down_blocks_0"]["attentions_0"]["transformer_blocks_0"]
     assert "emotion" in block
     assert rel_err(run(inputs), run(dict(inputs, emotion=EmotionCondition(inputs["emotion"].tokens * -1.0)))) > 1e-3
+
+
+def test_emotion_time_embedding_starts_as_the_identity_and_then_carries_the_emotion(inputs):
+    unet = VideoUNet(
+        ours_unet_config(motion_modules=False, audio_dim=None, layers_per_block=1, emotion_dim=EMOTION_DIM, emotion_time_embedding=True)
+    )
+    fresh = init_unet_params(unet, jax.random.key(0))
+    assert set(fresh["emotion"]) == {"linear_1", "linear_2"}  # under unet/emotion/: one of the emotion parts
+    base = {k: inputs[k] for k in ("sample", "timesteps", "context")}
+    other = EmotionCondition(-inputs["emotion"].tokens)
+    run = jax.jit(lambda p, e: unet.apply({"params": p}, **base, emotion=e))
+    np.testing.assert_array_equal(run(fresh, inputs["emotion"]), run(fresh, other))  # zero-initialised output layer
+    live = dict(fresh, emotion=jax.tree_util.tree_map(lambda p: p + 0.1, fresh["emotion"]))
+    assert rel_err(run(live, inputs["emotion"]), run(live, other)) > 1e-3
 
 
 def test_fresh_face_locator_changes_nothing_and_trained_one_does(unet, params, inputs):

@@ -25,9 +25,9 @@ def unet_example_inputs(cfg: UNetConfig, batch: int = 1, frames: int = 1) -> dic
     }
     if cfg.audio_dim is not None:
         inputs["audio"] = jnp.zeros((batch, frames, 1, cfg.audio_dim))
-    if cfg.emotion_slot is not None:
+    if cfg.emotion_slot is not None or cfg.emotion_time_embedding:
         if cfg.emotion_dim is None:
-            raise ValueError("a U-Net with an emotion slot needs emotion_dim (the width of the emotion tokens)")
+            raise ValueError("a U-Net with an emotion slot or emotion time embedding needs emotion_dim (the width of the emotion tokens)")
         inputs["emotion"] = EmotionCondition(jnp.zeros((batch, 1, cfg.emotion_dim)))
     if cfg.reference_concat:
         inputs["reference_latents"] = jnp.zeros((batch, side, side, cfg.in_channels))

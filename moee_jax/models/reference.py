@@ -18,7 +18,9 @@ from moee_jax.models.unet import UNetConfig, VideoUNet
 
 def reference_config(unet: UNetConfig) -> UNetConfig:
     """ReferenceNet topology: the denoiser's spatial U-Net without motion, audio and emotion parts."""
-    return unet.replace(motion_modules=False, audio_dim=None, emotion_slot=None, emotion_dim=None, reference_concat=False)
+    return unet.replace(
+        motion_modules=False, audio_dim=None, emotion_slot=None, emotion_dim=None, emotion_time_embedding=False, reference_concat=False
+    )
 
 
 def reference_net(unet: UNetConfig, dtype=jnp.float32) -> VideoUNet:

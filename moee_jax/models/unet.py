@@ -41,7 +41,7 @@ from moee_jax.models.config_dict import dataclass_from_dict
 from moee_jax.models.frames import fold_frames, unfold_frames
 from moee_jax.models.transformers import TemporalTransformer, Transformer2D, child, maybe_remat
 from moee_jax.nn.embeddings import TimestepEmbedding, timestep_embedding
-from moee_jax.nn.layers import conv
+from moee_jax.nn.layers import conv, dense
 from moee_jax.nn.norms import group_norm
 from moee_jax.nn.resnet import ResnetBlock2D
 from moee_jax.nn.sampling import Downsample2D, Upsample2D
@@ -83,6 +83,11 @@ class UNetConfig:
     # spatial transformer block; ``emotion_dim`` is the width of its tokens.
     emotion_slot: Callable[..., nn.Module] | None = None
     emotion_dim: int | None = None
+    # Also add the emotion to the timestep embedding (the mean emotion token through a zero-initialised
+    # MLP, :class:`EmotionTimeEmbedding`), so every ResNet at every resolution sees it: the class
+    # conditioning of ADM / diffusers' ``class_embed_type="projection"``, for small models whose
+    # attention (and so the emotion slot) sits only at the coarsest levels.
+    emotion_time_embedding: bool = False
     attention_implementation: str = "xla"
     # Rematerialisation of every spatial / temporal transformer block and ResNet in training:
     # "none" | "full" (recompute all) | "dots" (keep matmul outputs) — see transformers.REMAT_POLICIES.
@@ -99,6 +104,25 @@ class UNetConfig:
 
     def replace(self, **kw) -> UNetConfig:
         return dataclasses.replace(self, **kw)
+
+
+class EmotionTimeEmbedding(nn.Module):
+    """Emotion tokens ``(B, Le, De)`` → ``(B, D_temb)``, added to the timestep embedding.
+
+    ``MLP(mean_l tokens)`` with a zero-initialised output layer, so a U-Net given this part starts
+    as the U-Net without it. Its parameters live under ``unet/emotion/`` and so count among the
+    emotion parts (``moee_jax.train.stages.EMOTION_PARTS``): frozen in the paper's stage 1, trained
+    in stage 2. Compounds reach it as the tokens of their palette; a dropped emotion as the null tokens.
+    """
+
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        h = jnp.mean(tokens.astype(jnp.float32), axis=1).astype(self.dtype)
+        h = nn.silu(dense(self.features, ("embed", "mlp"), name="linear_1", dtype=self.dtype)(h))
+        return dense(self.features, ("mlp", "embed"), name="linear_2", zero_init=True, dtype=self.dtype)(h)
 
 
 class _Level(nn.Module):
@@ -246,6 +270,8 @@ class VideoUNet(nn.Module):
             jnp.broadcast_to(timesteps, (b,)), cfg.block_out_channels[0], flip_sin_to_cos=cfg.flip_sin_to_cos, freq_shift=cfg.freq_shift
         )
         temb = TimestepEmbedding(4 * cfg.block_out_channels[0], dtype=self.dtype, name="time_embedding")(temb.astype(self.dtype))
+        if cfg.emotion_time_embedding and emotion is not None:
+            temb = temb + EmotionTimeEmbedding(temb.shape[-1], dtype=self.dtype, name="emotion")(emotion.tokens)
         temb = jnp.repeat(temb, frames, axis=0)
 
         kw = {"collect_reference": collect_reference, "emotion": emotion}
@@ -322,8 +348,10 @@ class VideoUNet(nn.Module):
         if context.ndim != 3 or context.shape[0] != b or context.shape[-1] != cfg.cross_attention_dim:
             raise ValueError(f"context must be (B={b}, L, {cfg.cross_attention_dim}) tokens, got shape {context.shape}")
         if emotion is not None:
-            if cfg.emotion_slot is None:
-                raise ValueError("emotion tokens were given but this U-Net has no emotion slot (emotion_slot=None)")
+            if cfg.emotion_slot is None and not cfg.emotion_time_embedding:
+                raise ValueError(
+                    "emotion tokens were given but this U-Net has no emotion slot (emotion_slot=None) nor emotion time embedding"
+                )
             tokens = emotion.tokens
             if tokens.ndim != 3 or tokens.shape[0] != b or (cfg.emotion_dim and tokens.shape[-1] != cfg.emotion_dim):
                 raise ValueError(f"emotion must be (B={b}, Le, {cfg.emotion_dim}) tokens, got shape {tokens.shape}")
