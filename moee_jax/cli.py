@@ -23,6 +23,7 @@ import pathlib
 import re
 import shutil
 import sys
+import time
 
 from absl import app, flags
 from ml_collections import config_flags
@@ -315,6 +316,7 @@ def _animate() -> None:
 
     def main(argv):
         del argv
+        started = time.monotonic()
         from moee_jax import checks, console
         from moee_jax.checkpoint.run import RunError
         from moee_jax.inference.animator import Animator
@@ -359,10 +361,10 @@ def _animate() -> None:
                                  emotion_video=emotion_video.value)  # fmt: skip
             check_outputs(out.value, frames_dir.value)
             animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value, audio_encoder=audio_encoder.value)
-            with console.progress(None, "animate", unit="clip") as bar:
+            with console.progress_callback("animate", unit="clip") as clips, console.progress_callback("write", unit="frame") as frames:
                 animation = animate_to_file(
                     animator, image.value, audio.value, spec, out.value, frames_dir=frames_dir.value, paste=paste_back.value,
-                    progress=console.bar_progress(bar), **options,
+                    progress=clips, write_progress=frames, **options,
                 )  # fmt: skip
             for warning in animation.warnings:
                 print(f"moee animate: warning: {warning}", file=sys.stderr)
@@ -370,7 +372,7 @@ def _animate() -> None:
             sys.exit(f"moee animate: {e}")
         print(
             f"wrote {out.value}: {animation.plan.num_frames} frames ({animation.settings['audio_seconds']:.2f} s) "
-            f"in {animation.settings['seconds']:.1f} s"
+            f"in {time.monotonic() - started:.1f} s (sampling {animation.settings['seconds']:.1f} s)"
         )
 
     return main
@@ -728,7 +730,9 @@ def flag_error(error: BaseException, args: list[str] = ()) -> str:
         return f"--{unknown.group(1)}: unknown flag{hint}; `--help` lists the flags"
     if "Failed loading config file" in text:
         shipped = ", ".join(sorted(p.name for p in CONFIGS.glob("*.py") if not p.name.startswith("_")))
-        return f"--config: cannot read {lines[-2] if len(lines) > 1 else 'the file'} ({lines[-1]}); give a path or a shipped config: {shipped}"
+        return (
+            f"--config: cannot read {lines[-2] if len(lines) > 1 else 'the file'} ({lines[-1]}); give a path or a shipped config: {shipped}"
+        )
     hint = next((line.strip("'\"") for line in lines if "Did you mean" in line), None)
     if hint is not None:  # an unknown config field: name the override it came from
         field = lines[0].strip("'\"")

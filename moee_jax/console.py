@@ -23,7 +23,7 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 
 _FORMAT = "%(asctime)s %(levelname).1s %(name)s: %(message)s"
 _files: list[logging.Handler] = []  # the open log files (log_to), which also take the console's lines
@@ -219,6 +219,25 @@ def bar_progress(bar):
         bar.update(done - bar.n)
 
     return progress
+
+
+@contextlib.contextmanager
+def progress_callback(desc: str, unit: str = "it") -> Iterator[Callable[[int, int], None]]:
+    """A ``progress(done, total)`` callback whose bar (:func:`progress`) appears at its first call, so
+    several phases of one library call (sampling, then writing) each get a bar in turn; closed at exit."""
+    bars = []
+
+    def update(done: int, total: int) -> None:
+        if not bars:
+            bars.append(progress(total, desc, unit))
+        bars[0].total = total
+        bars[0].update(done - bars[0].n)
+
+    try:
+        yield update
+    finally:
+        for bar in bars:
+            bar.close()
 
 
 def summary(outputs: Mapping[str, object]) -> None:

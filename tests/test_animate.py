@@ -505,6 +505,23 @@ def _small_animation(media) -> Animation:
     return Animation(frames, media["audio"][: SAMPLE_RATE // 5], 25.0, portrait, plan, {"frames": plan.num_frames}, [])
 
 
+def test_paste_back_streams_one_photo_at_a_time_with_the_same_frames(media):
+    photo = media["photo"]
+    portrait = inputs_lib.prepare_portrait(photo, 64)
+    crops = np.stack([np.roll(portrait.crop, 3 * i, axis=1) for i in range(3)])
+    whole = inputs_lib.paste_back(photo, crops, portrait.box)
+    stream = inputs_lib.iter_paste_back(photo, iter(crops), portrait.box)
+    first = next(stream)
+    assert first.shape == photo.shape  # one photo, not the video
+    np.testing.assert_array_equal(np.stack([first, *stream]), whole)
+
+
+def test_writing_reports_progress_per_frame(media, tmp_path):
+    calls = []
+    save_animation(_small_animation(media), tmp_path / "v.mp4", paste=True, progress=lambda done, total: calls.append((done, total)))
+    assert calls == [(i, 5) for i in range(1, 6)]
+
+
 def test_a_failed_write_leaves_nothing_behind(media, tmp_path, monkeypatch):
     from moee_jax.inference import outputs as outputs_lib
 

@@ -122,6 +122,25 @@ def test_write_video_pads_odd_sizes_and_writes_silent_video(tmp_path):
     assert decoded.shape == (5, 32, 46, 3) and fps == 30.0 and audio is None
 
 
+def test_write_video_streams_any_iterable_of_frames_and_names_a_bad_one(tmp_path):
+    made = []
+
+    def frames():  # consumed one at a time: the writer never asks for the whole video
+        for i in range(6):
+            made.append(i)
+            yield np.full((16, 16, 3), 40 * i, np.uint8)
+
+    decoded, _, _ = video_io.read_video(video_io.write_video(tmp_path / "stream.mp4", frames(), 25))
+    assert decoded.shape == (6, 16, 16, 3) and made == list(range(6))
+    assert abs(int(decoded[5].mean()) - 200) < 4
+    mixed = (np.zeros((8, 8, 3) if i < 2 else (8, 10, 3), np.uint8) for i in range(4))
+    with pytest.raises(ValueError, match=r"bad\.mp4: frame 2 is \(8, 10\)"):
+        video_io.write_video(tmp_path / "bad.mp4", mixed, 25)
+    with pytest.raises(ValueError, match="got no frames"):
+        video_io.write_video(tmp_path / "none.mp4", iter([]), 25)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stream.mp4"]
+
+
 def test_write_video_leaves_no_partial_file_when_interrupted(tmp_path, monkeypatch):
     def fail(*args):
         raise KeyboardInterrupt

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import fractions
+import itertools
 import os
 import pathlib
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -255,38 +257,36 @@ def resample_frames(frames: np.ndarray, fps: float, target_fps: float = 25.0) ->
     return frames[resample_indices(frames.shape[0], fps, target_fps)]
 
 
-def _even(frames: np.ndarray) -> np.ndarray:
-    """Pad ``(T, H, W, 3)`` by one replicated row / column where ``H`` / ``W`` is odd (yuv420p needs even)."""
-    pad_h, pad_w = frames.shape[1] % 2, frames.shape[2] % 2
+def _even(frame: np.ndarray) -> np.ndarray:
+    """Pad ``(H, W, 3)`` by one replicated row / column where ``H`` / ``W`` is odd (yuv420p needs even)."""
+    pad_h, pad_w = frame.shape[0] % 2, frame.shape[1] % 2
     if pad_h or pad_w:
-        frames = np.pad(frames, ((0, 0), (0, pad_h), (0, pad_w), (0, 0)), mode="edge")
-    return frames
+        frame = np.pad(frame, ((0, pad_h), (0, pad_w), (0, 0)), mode="edge")
+    return frame
 
 
 def write_video(
     path: str | os.PathLike,
-    frames: np.ndarray,
+    frames: np.ndarray | Iterable[np.ndarray],
     fps: float,
     audio: np.ndarray | None = None,
     sr: int = SAMPLE_RATE,
     *,
     crf: int = 18,
 ) -> pathlib.Path:
-    """Write ``frames (T, H, W, 3)`` uint8 RGB as an H.264 (yuv420p) MP4, with ``audio (A,)`` float32
-    mono at ``sr`` Hz muxed in as AAC when given.
+    """Write ``frames`` — ``(T, H, W, 3)`` uint8 RGB, or any iterable of ``(H, W, 3)`` uint8 frames, which
+    is consumed one frame at a time (memory does not grow with the video's length) — as an H.264
+    (yuv420p) MP4, with ``audio (A,)`` float32 mono at ``sr`` Hz muxed in as AAC when given.
 
     An odd height or width is padded by one replicated row / column (4:2:0 chroma needs even sizes).
     ``crf`` is x264's constant quality (0 lossless luma, 18 visually transparent, 23 default).
     The file is written under a temporary name in the same folder and renamed into place, so
-    ``path`` is either absent or complete, even if writing is interrupted. → ``path``.
+    ``path`` is either absent or complete, even if writing is interrupted or a frame is bad. → ``path``.
     """
     av = _av()
     path = pathlib.Path(path)
-    frames = np.asarray(frames)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or frames.shape[0] == 0:
+    if isinstance(frames, np.ndarray) and (frames.ndim != 4 or frames.shape[0] == 0):
         raise ValueError(f"{path}: frames must be (T, H, W, 3) with T >= 1, got shape {frames.shape}")
-    if frames.dtype != np.uint8:
-        raise ValueError(f"{path}: frames must be uint8 RGB, got dtype {frames.dtype}")
     if not fps > 0:
         raise ValueError(f"{path}: fps must be > 0, got {fps}")
     if audio is not None:
@@ -296,21 +296,39 @@ def write_video(
         if not np.isfinite(audio).all():
             raise ValueError(f"{path}: audio contains NaN or infinite samples")
         audio = np.clip(audio, -1.0, 1.0)
-    frames = _even(frames)
-    return atomic_write(path, lambda tmp: _encode(av, tmp, frames, fps, audio, sr, crf))
+    return atomic_write(path, lambda tmp: _encode(av, tmp, _checked_frames(path, frames), fps, audio, sr, crf))
 
 
-def _encode(av, filename: str, frames: np.ndarray, fps: float, audio: np.ndarray | None, sr: int, crf: int) -> None:
+def _checked_frames(path: pathlib.Path, frames: Iterable[np.ndarray]) -> Iterator[np.ndarray]:
+    """Each frame checked ((H, W, 3) uint8, all of one size) and padded to even sides, as it comes."""
+    size = None
+    for i, frame in enumerate(frames):
+        frame = np.asarray(frame)
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise ValueError(f"{path}: frames must be (T, H, W, 3) RGB; frame {i} has shape {frame.shape}")
+        if frame.dtype != np.uint8:
+            raise ValueError(f"{path}: frames must be uint8 RGB, got dtype {frame.dtype}")
+        if size is None:
+            size = frame.shape
+        elif frame.shape != size:
+            raise ValueError(f"{path}: frame {i} is {frame.shape[:2]}, the first frame {size[:2]}; all frames need one size")
+        yield _even(frame)
+    if size is None:
+        raise ValueError(f"{path}: frames must be (T, H, W, 3) with T >= 1, got no frames")
+
+
+def _encode(av, filename: str, frames: Iterator[np.ndarray], fps: float, audio: np.ndarray | None, sr: int, crf: int) -> None:
     rate = fractions.Fraction(fps).limit_denominator(1001)
+    first = next(frames)  # the stream's size comes from the first frame
     with av.open(filename, mode="w", format="mp4") as container:
         video = container.add_stream("libx264", rate=rate)
-        video.width, video.height = frames.shape[2], frames.shape[1]
+        video.width, video.height = first.shape[1], first.shape[0]
         video.pix_fmt = "yuv420p"
         video.options = {"crf": str(crf), "preset": "medium"}
         sound = None
         if audio is not None:
             sound = container.add_stream("aac", rate=sr, layout="mono")
-        for frame in frames:
+        for frame in itertools.chain([first], frames):
             container.mux(video.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format="rgb24")))
         container.mux(video.encode(None))
         if sound is not None:

@@ -12,6 +12,7 @@ Shapes at the boundaries::
     parse_emotion(...)                    EmotionSpec (label weights (6,), palette override (6,) | None, ...)
     resolve_checkpoint(path)              RunCheckpoint: RUN/stage2/final + RUN/stage2/config.json
     paste_back(image, frames, box)        frames (T, H, W, 3) uint8: the animated crop in the photo
+    iter_paste_back(image, frames, box)   the same one (H, W, 3) frame at a time (bounded memory)
 
 Decisions
 ---------
@@ -39,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+from collections.abc import Iterator
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -209,31 +211,47 @@ def paste_back(original: np.ndarray, frames: np.ndarray, box, *, feather: float 
     ``(cx, cy, side)`` in ``original`` pixels (as :class:`Portrait` gives) → ``(T, H, W, 3)`` uint8.
     Each frame is resized to the box and blended in with a border that fades linearly over
     ``feather × side`` pixels, so no seam shows where the crop ends; parts of the box outside the
-    photo are dropped. Memory: ``T·H·W·3`` bytes.
+    photo are dropped. Memory: ``T·H·W·3`` bytes; :func:`iter_paste_back` gives one frame at a time.
     """
-    original = np.asarray(original, np.uint8)
     frames = np.asarray(frames, np.uint8)
-    if frames.ndim != 4 or frames.shape[-1] != 3 or original.ndim != 3:
+    original = np.asarray(original, np.uint8)
+    if frames.ndim != 4:
         raise ValueError(f"paste_back needs original (H, W, 3) and frames (T, S, S, 3); got {original.shape}, {frames.shape}")
+    out = np.empty((frames.shape[0],) + original.shape, np.uint8)
+    for t, frame in enumerate(iter_paste_back(original, frames, box, feather=feather)):
+        out[t] = frame
+    return out
+
+
+def iter_paste_back(original: np.ndarray, frames, box, *, feather: float = 0.08) -> Iterator[np.ndarray]:
+    """:func:`paste_back` one frame at a time: ``frames`` any iterable of ``(S, S, 3)`` uint8 crops →
+    ``(H, W, 3)`` uint8 photos, each a new array, so a video of any length needs memory for one photo
+    (the writer consumes them as they come)."""
+    original = np.asarray(original, np.uint8)
+    if original.ndim != 3 or original.shape[-1] != 3:
+        raise ValueError(f"paste_back needs original (H, W, 3) and frames (T, S, S, 3); got {original.shape}")
     h, w = original.shape[:2]
     cx, cy, side = (float(v) for v in box)
     n = max(1, int(round(side)))
     x0, y0 = int(round(cx + 0.5 - n / 2)), int(round(cy + 0.5 - n / 2))
     # The box's part inside the photo: rows/cols [ya, yb) × [xa, xb) of the photo.
     xa, ya, xb, yb = max(x0, 0), max(y0, 0), min(x0 + n, w), min(y0 + n, h)
-    out = np.repeat(original[None], frames.shape[0], axis=0)
-    if xa >= xb or ya >= yb:
-        return out
+    inside = xa < xb and ya < yb
     ramp = max(1.0, feather * n)
     pos = np.arange(n) + 0.5
     edge = np.minimum(pos, n - pos) / ramp  # distance to the nearest box edge, in ramps
     alpha = np.clip(np.minimum(edge[:, None], edge[None, :]), 0.0, 1.0)[ya - y0 : yb - y0, xa - x0 : xb - x0, None]
     background = original[ya:yb, xa:xb].astype(np.float32)
-    for t, frame in enumerate(frames):
-        big = np.asarray(Image.fromarray(frame).resize((n, n), Image.Resampling.BICUBIC), np.float32)
-        patch = big[ya - y0 : yb - y0, xa - x0 : xb - x0]
-        out[t, ya:yb, xa:xb] = np.clip(np.round(alpha * patch + (1.0 - alpha) * background), 0, 255).astype(np.uint8)
-    return out
+    for frame in frames:
+        frame = np.asarray(frame, np.uint8)
+        if frame.ndim != 3 or frame.shape[-1] != 3:
+            raise ValueError(f"paste_back needs original (H, W, 3) and frames (T, S, S, 3); got a frame of shape {frame.shape}")
+        out = original.copy()
+        if inside:
+            big = np.asarray(Image.fromarray(frame).resize((n, n), Image.Resampling.BICUBIC), np.float32)
+            patch = big[ya - y0 : yb - y0, xa - x0 : xb - x0]
+            out[ya:yb, xa:xb] = np.clip(np.round(alpha * patch + (1.0 - alpha) * background), 0, 255).astype(np.uint8)
+        yield out
 
 
 # ---- speech ------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ import json
 import os
 import pathlib
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 from PIL import Image
@@ -53,19 +53,25 @@ def sidecar_path(out: str | os.PathLike) -> pathlib.Path:
 
 
 def save_animation(
-    animation: Animation, out: str | os.PathLike, *, frames_dir: str | os.PathLike | None = None, paste: bool = False
+    animation: Animation,
+    out: str | os.PathLike,
+    *,
+    frames_dir: str | os.PathLike | None = None,
+    paste: bool = False,
+    progress: Callable[[int, int], None] | None = None,
 ) -> dict[str, str]:
     """Write ``out`` (MP4 with the speech muxed in), ``out.json`` (settings) and, with ``frames_dir``,
     one PNG per frame; ``paste=True`` writes the animated face pasted back into the whole photo
-    (:func:`~moee_jax.inference.inputs.paste_back`) instead of the square crop. All or nothing.
-    → the paths written."""
+    (:func:`~moee_jax.inference.inputs.iter_paste_back`) instead of the square crop. Frames stream
+    to the encoder (and the PNGs) one at a time, so peak memory does not grow with the video's length;
+    ``progress(frames_written, total)`` is called after each. All or nothing. → the paths written."""
     from moee_jax.data.video_io import write_video
 
     out = pathlib.Path(out)
     check_outputs(out, frames_dir)
     frames = animation.frames
-    if paste:
-        frames = inputs_lib.paste_back(animation.portrait.image, frames, animation.portrait.box)
+    if paste:  # one whole-photo frame at a time: memory for one photo, whatever the video's length
+        frames = inputs_lib.iter_paste_back(animation.portrait.image, frames, animation.portrait.box)
     settings = dict(animation.settings, output=str(out), paste_back=bool(paste))
     sidecar = sidecar_path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -74,10 +80,9 @@ def save_animation(
         with contextlib.ExitStack() as stack:
             if frames_dir is not None:
                 staging = stack.enter_context(atomic_directory(frames_dir))  # renamed into place when all is written
-                for i, frame in enumerate(frames):
-                    Image.fromarray(frame).save(staging / f"{i:06d}.png")
+                frames = _saving_pngs(frames, staging)
                 settings["frames_dir"] = str(frames_dir)
-            write_video(out, frames, animation.fps, animation.audio, SAMPLE_RATE)
+            write_video(out, _counted(frames, len(animation.frames), progress), animation.fps, animation.audio, SAMPLE_RATE)
             written.append(out)
             atomic_write_text(sidecar, json.dumps(settings, indent=2))
             written.append(sidecar)
@@ -87,6 +92,19 @@ def save_animation(
                 shutil.rmtree(path) if path.is_dir() else path.unlink()
         raise
     return {"video": str(out), "settings": str(sidecar), **({"frames_dir": str(frames_dir)} if frames_dir is not None else {})}
+
+
+def _saving_pngs(frames: Iterable[np.ndarray], folder: pathlib.Path) -> Iterator[np.ndarray]:
+    for i, frame in enumerate(frames):
+        Image.fromarray(frame).save(folder / f"{i:06d}.png")
+        yield frame
+
+
+def _counted(frames: Iterable[np.ndarray], total: int, progress: Callable[[int, int], None] | None) -> Iterator[np.ndarray]:
+    for i, frame in enumerate(frames):
+        yield frame
+        if progress is not None:
+            progress(i + 1, total)
 
 
 def animate_to_file(
@@ -99,11 +117,13 @@ def animate_to_file(
     frames_dir: str | os.PathLike | None = None,
     paste: bool = False,
     progress: Callable[[int, int], None] | None = None,
+    write_progress: Callable[[int, int], None] | None = None,
     **options,
 ) -> Animation:
-    """Check the outputs, animate (``options``: see :meth:`Animator.animate`) and save
-    (:func:`save_animation`): on any error — a bad input, a failed write — no output exists."""
+    """Check the outputs, animate (``options``: see :meth:`Animator.animate`; ``progress`` per clip)
+    and save (:func:`save_animation`; ``write_progress`` per frame written): on any error — a bad
+    input, a failed write — no output exists."""
     check_outputs(out, frames_dir)
     animation = animator.animate(image, audio, emotion, progress=progress, **options)
-    save_animation(animation, out, frames_dir=frames_dir, paste=paste)
+    save_animation(animation, out, frames_dir=frames_dir, paste=paste, progress=write_progress)
     return animation
