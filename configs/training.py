@@ -32,8 +32,8 @@ def common(tiny: bool) -> dict:
         ema_decay=0.0 if tiny else 0.9999,  # 0 disables the EMA
         log_every=5 if tiny else 50,
         nan_patience=10,  # stop after this many non-finite steps in a row (their updates are skipped)
-        init_from=[],  # final/ dirs of earlier stages; default: this run's earlier stages
-        init_skip=[],  # path patterns the earlier stages do not fill (they keep their fresh initialisation)
+        init_from=(),  # final/ dirs of earlier stages (or a converted checkpoint); default: this run's earlier stages
+        init_skip=(),  # path patterns the earlier stages do not fill (they keep their fresh initialisation)
     )  # fmt: skip
 
 

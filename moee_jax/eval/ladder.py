@@ -226,7 +226,7 @@ def overfit_one_clip(config, reader, data_dir, dataset: str, *, steps: int = 300
     c = ConfigDict(config.to_dict())
     c.stage = "stage1"
     c.train.update(dict(steps=steps, joint_emotion=True, learning_rate=1e-3, warmup_steps=20, schedule="constant", ema_decay=0.0,
-                        log_every=max(steps // 5, 1), init_from=[], init_skip=[]))  # fmt: skip
+                        log_every=max(steps // 5, 1), init_from=(), init_skip=()))  # fmt: skip
     c.data.update(dict(reference_neutral_p=0.0, reference_other_p=0.0, reference_min_distance=0, motion_as_reference_p=0.5,
                        emotion_speech_p=0.0, emotion_text_p=0.0, drop_emotion_p=0.0, drop_all_p=0.0, drop_reference_p=0.0,
                        drop_audio_p=0.0, noisy_p=0.0, class_balanced=False))  # fmt: skip
