@@ -68,7 +68,7 @@ COMMANDS = readme_commands()
 
 def test_the_readme_shows_every_main_command():
     shown = {command for _, command, _ in COMMANDS}
-    assert {"demo", "train", "animate", "eval", "ablate", "analyze", "prepare", "convert", "serve"} <= shown
+    assert {"train", "animate", "eval", "ablate", "analyze", "prepare", "convert", "serve"} <= shown
 
 
 @pytest.mark.parametrize("line, command, args", COMMANDS, ids=[f"README:{n}:{c}" for n, c, _ in COMMANDS])
