@@ -505,6 +505,17 @@ def _small_animation(media) -> Animation:
     return Animation(frames, media["audio"][: SAMPLE_RATE // 5], 25.0, portrait, plan, {"frames": plan.num_frames}, [])
 
 
+def test_a_group_photo_animates_the_largest_face_and_says_so(media):
+    group = np.full((240, 480, 3), 90, np.uint8)
+    group[40:200, 20:180] = media["photo"][40:200, 100:260]  # the 160 px face
+    group[80:180, 300:400] = generate_clip(3, "neutral", num_frames=1, size=100).frames[0]  # a smaller one
+    portrait = inputs_lib.prepare_portrait(group, 64)
+    assert len(inputs_lib.detect_faces(group)) == 2
+    assert portrait.box[0] < 240  # the left, larger face
+    assert any("2 faces found; animating the largest" in w for w in portrait.warnings)
+    assert not any("faces found" in w for w in inputs_lib.prepare_portrait(media["photo"], 64).warnings)
+
+
 def test_paste_back_streams_one_photo_at_a_time_with_the_same_frames(media):
     photo = media["photo"]
     portrait = inputs_lib.prepare_portrait(photo, 64)

@@ -106,7 +106,13 @@ def _to_rgb(im: Image.Image) -> np.ndarray:
 
 
 def detect_face(image: np.ndarray) -> tuple[int, int, int, int] | None:
-    """The largest frontal face in ``image (H, W, 3)`` uint8 as ``(x, y, w, h)`` pixels, or None.
+    """The largest frontal face in ``image (H, W, 3)`` uint8 as ``(x, y, w, h)`` pixels, or None."""
+    faces = detect_faces(image)
+    return faces[0] if faces else None
+
+
+def detect_faces(image: np.ndarray) -> list[tuple[int, int, int, int]]:
+    """Every frontal face in ``image (H, W, 3)`` uint8 as ``(x, y, w, h)`` pixels, largest first.
 
     OpenCV's bundled Haar cascade (no download); faces under a tenth of the short side are ignored.
     """
@@ -123,10 +129,7 @@ def detect_face(image: np.ndarray) -> tuple[int, int, int, int] | None:
     gray = cv2.cvtColor(np.ascontiguousarray(image), cv2.COLOR_RGB2GRAY)
     smallest = max(24, int(0.1 * min(gray.shape)))
     faces = cascade.detectMultiScale(gray, scaleFactor=1.1, minNeighbors=4, minSize=(smallest, smallest))
-    if len(faces) == 0:
-        return None
-    x, y, w, h = max((tuple(int(v) for v in f) for f in faces), key=lambda f: f[2] * f[3])
-    return x, y, w, h
+    return sorted((tuple(int(v) for v in f) for f in faces), key=lambda f: -f[2] * f[3])
 
 
 @dataclasses.dataclass(frozen=True)
@@ -150,23 +153,29 @@ def prepare_portrait(
 ) -> Portrait:
     """Square face crop ``(size, size, 3)`` of ``image (H, W, 3)`` uint8.
 
-    ``detect=True`` finds the face (Haar cascade) and frames it with ``margin``; ``detect=False``
-    takes the centred square of the image. Raises :class:`InputError` when no face is found.
+    ``detect=True`` finds the face (Haar cascade; the largest where there are several, with a
+    warning) and frames it with ``margin``; ``detect=False`` takes the centred square of the image.
+    Raises :class:`InputError` when no face is found.
     """
     h, w = image.shape[:2]
+    warnings = []
     if detect:
-        face = detect_face(image)
-        if face is None:
+        faces = detect_faces(image)
+        if not faces:
             raise InputError(
                 f"{name}: no face found in the image ({w}×{h} px). Use a photo with a clear, frontal, "
                 "well-lit face, or pass --no_detect if the image is already a face crop."
             )
-        x, y, fw, fh = face
+        x, y, fw, fh = faces[0]
+        if len(faces) > 1:
+            warnings.append(
+                f"{name}: {len(faces)} faces found; animating the largest ({fw}×{fh} px at x={x}, y={y}). "
+                "Crop the photo to the face you want to animate another one."
+            )
         box = (x + (fw - 1) / 2, y + (fh - 1) / 2, margin * max(fw, fh))
     else:
         side = min(h, w)
         box = ((w - 1) / 2, (h - 1) / 2, float(side))
-    warnings = []
     if box[2] < size:
         warnings.append(
             f"{name}: the face crop is {box[2]:.0f} px wide and is upsampled to the model's {size} px; a larger photo gives a sharper video"
