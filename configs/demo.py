@@ -72,7 +72,14 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         s.train.warmup_steps = 200 if stage == "stage1" else 50
         s.train.schedule = "cosine"
         s.train.ema_decay = 0.999
-        # Uniform v-prediction loss, no min-SNR-γ: its v weight min(SNR, γ)/(SNR + 1) vanishes at high
+        # The tiny U-Net predicts the clean latents (x₀, "sample") instead of v. After 400 steps on one
+        # identity, v-prediction's samples carried the input noise through the chain (10 DDIM steps:
+        # 8.2 grey levels from the ground truth, neighbouring-pixel difference 11.9 against the
+        # frames' 4.3); x₀-prediction's were clean (3.1 grey levels, 5.4) — benchmarks/RESULTS.md,
+        # "Clean samples". The real configs keep v-prediction.
+        if not gpu:
+            s.diffusion.prediction_type = "sample"
+        # Uniform loss, no min-SNR-γ: its v weight min(SNR, γ)/(SNR + 1) vanishes at high
         # noise (0 at the zero-terminal-SNR step), exactly where the label decides the expression; with
         # γ = 5 the label-only overfit of one identity read 2 of 7 labels, without it 5 of 7
         # (benchmarks/RESULTS.md, "min-SNR and the label").
