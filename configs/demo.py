@@ -74,7 +74,7 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         s.train.ema_decay = 0.999
         # The tiny U-Net predicts the clean latents (x₀, "sample") instead of v. After 400 steps on one
         # identity, v-prediction's samples carried the input noise through the chain (10 DDIM steps:
-        # 8.2 grey levels from the ground truth, neighbouring-pixel difference 11.9 against the
+        # 8.0 grey levels from the ground truth, neighbouring-pixel difference 11.7 against the
         # frames' 4.3); x₀-prediction's were clean (3.1 grey levels, 5.4) — benchmarks/RESULTS.md,
         # "Clean samples". The real configs keep v-prediction.
         if not gpu:
