@@ -88,6 +88,7 @@ def training_config(stage: str, variant: str) -> ConfigDict:
         drop_reference_p=0.05, drop_audio_p=0.05, drop_emotion_p=0.1 if stage == "stage2" else 0.0, drop_all_p=0.05,
         emotion_speech_p=0.2,  # emotion from the speech alone (the label dropped), as --emotion-from-audio
         emotion_text_p=0.0,
+        face_loss_weight=1.0, lip_loss_weight=1.0,  # region-weighted denoising loss (1: uniform)
         worker_count=0, worker_buffer_size=2,
         # Pretrained-encoder features (moee_jax.data.feature_cache): "" trains on log-mel alone; a folder
         # built by `moee features` adds wav2vec2 audio windows (they replace the log-mel windows), the

@@ -171,6 +171,18 @@ def test_mouth_box_covers_every_lip_landmark(source):
             assert (b["loss_mask"][i, f, cells[f, :, 1], cells[f, :, 0]] == 0).all()
 
 
+def test_region_weighted_loss_mask_weights_face_and_lips_and_still_hides_noisy_mouths(source):
+    b = _concat(_batches(source, 6, face_loss_weight=3.0, lip_loss_weight=5.0, noisy_p=0.5))
+    face, lip, w = b["face_mask"], b["lip_mask"], b["loss_mask"]
+    expected = (1 - face) + 3.0 * (face - lip) + 5.0 * lip  # Hallo's nested regions
+    clean, noisy = ~b["noisy"], b["noisy"]
+    np.testing.assert_allclose(w[clean], expected[clean], rtol=1e-6)
+    assert w[clean].max() > 4.0 and w[clean].min() == 1.0  # lips weigh most, background stays 1
+    mouth = b["mouth_mask"] > 0
+    assert (w[noisy][mouth[noisy]] == 0).all()
+    np.testing.assert_allclose(w[noisy][~mouth[noisy]], expected[noisy][~mouth[noisy]], rtol=1e-6)
+
+
 def test_condition_dropout_flags(source):
     b = _concat(_batches(source, 50, drop_audio_p=0.5, drop_all_p=0.2))
     assert not (b["drop_reference"] & ~b["drop_audio"]).any()  # reference only dropped with all
@@ -223,6 +235,8 @@ def test_restored_iterator_state_continues_the_same_sequence(source, tmp_path):
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="noisy_p"):
         P.PipelineConfig(noisy_p=1.5)
+    with pytest.raises(ValueError, match="face_loss_weight"):
+        P.PipelineConfig(face_loss_weight=-1.0)
     with pytest.raises(ValueError, match="unknown data pipeline field"):
         P.PipelineConfig.from_dict({"num_frame": 3})
 

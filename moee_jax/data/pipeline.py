@@ -74,6 +74,13 @@ Masked noisy emotion sampling (MoEE §3.4, stage 2)
     upsampled for pixel-space terms) and normalises by its sum, so masked cells contribute exactly
     nothing and do not dilute the others.
 
+Region-weighted loss
+    ``face_loss_weight`` and ``lip_loss_weight`` (default 1: uniform) scale ``loss_mask`` on the
+    face and the lips with the nested region masks of the audio attention (Hallo's regions,
+    :func:`moee_jax.data.masks.combine_region_masks`): ``w = (full − face) + w_face · (face − lip) +
+    w_lip · lip``. An expression occupies a few cells of a frame; weighting the face makes the
+    error there, which only the emotion condition can explain, a larger share of the loss.
+
 Condition dropout (classifier-free guidance) and emotion modes
     With ``drop_all_p`` every condition is dropped together; otherwise each of reference, audio and
     emotion independently with its own probability. The flags are data; the model replaces a
@@ -128,6 +135,8 @@ class PipelineConfig:
     mask_downsample: int = 8  # r: masks at S / r (the VAE's latent size)
     mouth_scale: float = 1.5
     noisy_p: float = 0.0  # masked noisy emotion sampling probability (stage 2)
+    face_loss_weight: float = 1.0  # loss weight of face cells outside the lips (1: uniform)
+    lip_loss_weight: float = 1.0  # loss weight of lip cells
     class_balanced: bool = False  # draw a target class uniformly first (implied by noisy_p > 0)
     drop_reference_p: float = 0.0
     drop_audio_p: float = 0.0
@@ -169,6 +178,9 @@ class PipelineConfig:
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"data.{name} must lie in [0, 1], got {p}")
+        for name in ("face_loss_weight", "lip_loss_weight"):
+            if getattr(self, name) < 0.0:
+                raise ValueError(f"data.{name} must be ≥ 0, got {getattr(self, name)}")
         for a, b in (("reference_neutral_p", "reference_other_p"), ("emotion_speech_p", "emotion_text_p")):
             if getattr(self, a) + getattr(self, b) > 1.0:
                 raise ValueError(f"data.{a} + data.{b} must be at most 1, got {getattr(self, a)} + {getattr(self, b)}")
@@ -400,6 +412,8 @@ class MakeSample(grain.transforms.RandomMap):
         regions = masks_lib.region_masks(face, lip, (small, small))
         mouth_small = _any_pool(mouth, cfg.mask_downsample)
         loss_mask = (1.0 - mouth_small) if noisy else np.ones_like(mouth_small)
+        if cfg.face_loss_weight != 1.0 or cfg.lip_loss_weight != 1.0:
+            loss_mask = loss_mask * masks_lib.combine_region_masks(regions, {"face": cfg.face_loss_weight, "lip": cfg.lip_loss_weight})[0]
 
         drop_all = rng.random() < cfg.drop_all_p
         drops = [drop_all or rng.random() < p for p in (cfg.drop_reference_p, cfg.drop_audio_p, cfg.drop_emotion_p)]
