@@ -12,6 +12,7 @@ import dataclasses
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 
@@ -624,3 +625,49 @@ def test_cli_input_error_exits_nonzero_with_a_message_and_no_output(run_dir, med
     assert proc.returncode != 0
     assert "moee animate: --emotion" in proc.stderr and "grumpy" in proc.stderr and "Traceback" not in proc.stderr
     assert _files(tmp_path) == []
+
+
+def test_cli_benchmark_prints_one_line_with_frames_rates_and_peak_memory(run_dir, media, tmp_path):
+    # The batch test's row 1 (same portrait, speech, palette, steps): its compiled program is reused.
+    proc = _moee(
+        "--checkpoint", str(run_dir), "--image", str(media["dir"] / "face.png"), "--audio", str(media["dir"] / "short.wav"),
+        "--emotion", "happy:0.6,surprised:0.4", "--out", str(tmp_path / "b.mp4"), "--steps", str(STEPS), "--no_detect", "--benchmark",
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [line for line in proc.stdout.splitlines() if line.startswith("benchmark:")]
+    assert len(lines) == 1, proc.stdout
+    m = re.fullmatch(
+        r"benchmark: (\d+) frames; sampling ([\d.]+) s \(([\d.e+-]+) frames/s, ([\d.e+-]+) s/frame; ([\d.e+-]+) s/frame after the first clip\); "
+        r"end to end ([\d.]+) s \(([\d.e+-]+) frames/s, ([\d.e+-]+) s/frame\); peak memory ([\d.]+) (GiB|MiB) \((device|max RSS)\)",
+        lines[0],
+    )  # fmt: skip
+    assert m, lines[0]
+    frames, sampling, sampling_fps, sampling_spf, steady, total, total_fps, total_spf, peak, unit, _ = m.groups()
+    assert int(frames) == 13  # 0.5 s at 25 fps, in four 4-frame clips
+    sampling, total = float(sampling), float(total)
+    assert 0 < sampling < total and float(steady) <= float(sampling_spf)
+    assert float(sampling_spf) == pytest.approx(sampling / 13, rel=0.02) and float(total_fps) == pytest.approx(13 / total, rel=0.02)
+    settings = json.loads((tmp_path / "b.json").read_text())
+    assert settings["sampling_seconds"] == pytest.approx(sampling, abs=0.01) and settings["sampling_seconds"] <= settings["seconds"]
+    assert 100 <= float(peak) * (1024 if unit == "GiB" else 1) < 64 * 1024  # MiB: a Python process with JAX, well under the host
+
+
+def test_benchmark_line_times_sampling_end_to_end_and_the_clips_after_the_first():
+    from moee_jax.inference.benchmark import AnimateBenchmark, peak_memory
+
+    now = [100.0]
+    bench = AnimateBenchmark(started=90.0, clock=lambda: now[0])
+    seen = []
+    progress = bench.progress(lambda done, total: seen.append((done, total)))
+    for k, t in enumerate((104.0, 105.0, 106.0), 1):  # clip 1 holds the compilation
+        now[0] = t
+        progress(k, 3)
+    now[0] = 110.0
+    line = bench.line(12, 6.0, clip_frames=4)
+    assert seen == [(1, 3), (2, 3), (3, 3)]
+    assert line.startswith("benchmark: 12 frames; sampling 6.00 s (2 frames/s, 0.5 s/frame; 0.25 s/frame after the first clip); ")
+    assert "end to end 20.0 s (0.6 frames/s, 1.67 s/frame); peak memory " in line
+    assert peak_memory()[0] > 0 and peak_memory()[1] in ("device", "max RSS")
+    assert "after the first clip" not in AnimateBenchmark(clock=lambda: now[0]).line(4, 1.0, clip_frames=4)  # one clip: no steady rate
+    with pytest.raises(ValueError, match="frames=0"):
+        bench.line(0, 1.0)

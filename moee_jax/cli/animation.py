@@ -32,6 +32,9 @@ def animate() -> None:
     paste_back = flags.DEFINE_bool("paste_back", False, "Paste the animated face back into the whole photo.")
     batch = flags.DEFINE_string("batch", None, "Manifest CSV (image, audio, emotion, out); bad rows are skipped and reported.")
     report = flags.DEFINE_string("report", None, "Batch report JSON (default: <manifest>.report.json).")
+    benchmark = flags.DEFINE_bool(
+        "benchmark", False, "At the end, print one line: frames, frames/s and s/frame (sampling; end to end), peak memory."
+    )
 
     def main(argv):
         del argv
@@ -40,9 +43,11 @@ def animate() -> None:
         from moee_jax.checkpoint.run import RunError
         from moee_jax.inference.animator import Animator
         from moee_jax.inference.batch import animate_batch
+        from moee_jax.inference.benchmark import AnimateBenchmark
         from moee_jax.inference.inputs import InputError, parse_emotion
         from moee_jax.inference.outputs import animate_to_file, check_outputs
 
+        bench = AnimateBenchmark(started) if benchmark.value else None
         options = dict(
             steps=steps.value, sampler=sampler.value, seed=seed.value, detect=not no_detect.value,
             guidance={"reference": cfg_reference.value, "audio": cfg_audio.value, "emotion": cfg_emotion.value},
@@ -72,6 +77,8 @@ def animate() -> None:
                 if result["failed"]:
                     sys.exit(f"moee animate: {len(result['failed'])} of {result['rows']} manifest rows failed; see {result['report']}")
                 print(f"wrote {len(result['done'])} videos; report {result['report']}")
+                if bench is not None:
+                    print(bench.line(sum(e["frames"] for e in result["done"]), sum(e["sampling_seconds"] for e in result["done"])))
                 return
             missing = [name for name in ("--image", "--audio", "--out") if single[name] is None]
             if missing:
@@ -83,7 +90,7 @@ def animate() -> None:
             with console.progress_callback("animate", unit="clip") as clips, console.progress_callback("write", unit="frame") as frames:
                 animation = animate_to_file(
                     animator, image.value, audio.value, spec, out.value, frames_dir=frames_dir.value, paste=paste_back.value,
-                    progress=clips, write_progress=frames, **options,
+                    progress=clips if bench is None else bench.progress(clips), write_progress=frames, **options,
                 )  # fmt: skip
             for warning in animation.warnings:
                 print(f"moee animate: warning: {warning}", file=sys.stderr)
@@ -93,6 +100,8 @@ def animate() -> None:
             f"wrote {out.value}: {animation.plan.num_frames} frames ({animation.settings['audio_seconds']:.2f} s) "
             f"in {time.monotonic() - started:.1f} s (sampling {animation.settings['seconds']:.1f} s)"
         )
+        if bench is not None:
+            print(bench.line(animation.plan.num_frames, animation.settings["sampling_seconds"], clip_frames=animation.plan.clip_frames))
 
     return main
 

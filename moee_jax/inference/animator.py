@@ -248,14 +248,17 @@ class Animator:
         ``options`` are :meth:`prepare`'s: ``steps`` / ``sampler`` (``ddim`` | ``dpmpp_2m``) default to the config's; ``guidance`` maps
         ``reference`` / ``audio`` / ``emotion`` to their CFG scales (missing or None: the config's);
         ``detect=False`` takes the image as a face crop. ``progress(done, total)`` is called after
-        each clip. → :class:`Animation` with ``frames (T, S, S, 3)`` uint8,
+        each clip. ``settings["seconds"]`` is the whole call's time, ``settings["sampling_seconds"]``
+        the clip loop's (:meth:`render_job`). → :class:`Animation` with ``frames (T, S, S, 3)`` uint8,
         ``T = num_video_frames(len(audio), 16 kHz, fps)``, and the warnings the user should see (an
         upsampled face crop, silent audio).
         """
         t0 = time.perf_counter()
         job = self.prepare(image, audio, emotion, **options)
+        t1 = time.perf_counter()
         video = self.render_job(job, progress)
-        settings = dict(job.settings, seconds=round(time.perf_counter() - t0, 2), warnings=job.warnings)
+        t2 = time.perf_counter()
+        settings = dict(job.settings, seconds=round(t2 - t0, 2), sampling_seconds=round(t2 - t1, 3), warnings=job.warnings)
         return Animation(video, job.speech.wave, self.fps, job.portrait, job.plan, settings, job.warnings)
 
     def render_job(self, job: Job, progress: Callable[[int, int], None] | None = None) -> np.ndarray:

@@ -78,7 +78,7 @@ def animate_batch(
 
     The report (``report``, default ``<manifest>.report.json``) is rewritten after every row from
     the first video written on, so finished work is on record even if the job is killed:
-    ``{"manifest", "rows", "done": [{"line", "out", "seconds"}], "failed": [{"line", "error"}]}``;
+    ``{"manifest", "rows", "done": [{"line", "out", "seconds", "frames", "sampling_seconds"}], "failed": [{"line", "error"}]}``;
     a job in which every row failed writes nothing (``result["report"]`` is None) and the failures
     are in the result. ``on_row(line, entry)`` follows each row. → the result.
     """
@@ -108,7 +108,8 @@ def animate_batch(
                 except ValueError:
                     raise InputError(f"seed {row['seed']!r} is not an integer") from None
             animation = animate_to_file(animator, _under(base, row["image"]), _under(base, row["audio"]), spec, out, paste=paste, **kwargs)
-            entry = {"line": line, "out": str(out), "seconds": round(time.perf_counter() - t0, 2), "warnings": animation.warnings}
+            entry = {"line": line, "out": str(out), "seconds": round(time.perf_counter() - t0, 2), "frames": int(animation.plan.num_frames),
+                     "sampling_seconds": animation.settings["sampling_seconds"], "warnings": animation.warnings}  # fmt: skip
             result["done"].append(entry)
         except (InputError, ValueError, OSError, RuntimeError) as e:
             entry = {"line": line, "image": row.get("image", ""), "error": f"{e}"}
