@@ -31,11 +31,14 @@ tracing, lowering, XLA's compilation and the FLOP count; for inference the first
 warm call's), XLA's planned memory of the step (arguments + outputs + temporaries − donated) and the
 process's peak memory (:func:`moee_jax.inference.benchmark.peak_memory`: the device's
 ``peak_bytes_in_use``, else max RSS). That peak is a running maximum since the process started (no
-runtime resets it), so the sections run smallest first (inference, stage 2, stage 1, batch) and a
-case that did not raise it is shown as "≤ peak". One device only: the trainer's mesh is built over
-the first device. Parameters are random (:func:`random_state`: filled on the host, so the model's
-``init`` is never compiled), made once per stage; each case continues from the state the last one
-left.
+runtime resets it), so one case of each section runs first, smallest memory first — the DDIM clip,
+the stage-2 step, the default stage-1 step — each raising the peak, and then the rest: DPM-Solver++
+and the conditions, the other stage-1 settings, the batch; a case that did not raise the peak is shown
+as "≤ peak" (its XLA plan is its own). This order also puts the headline cases before the budget
+runs out. One device only: the trainer's mesh is built over the first device. Parameters are random
+(:func:`random_state`: filled on the host, so the model's ``init`` is never compiled), made when a
+stage's first case needs them (the other stage's state is freed first); each case continues from the
+state the last one of its stage left.
 
 The JSON: ``{"meta", "inference": [...], "stage2": [...], "stage1": [...], "batch": [...],
 "largest_batch": {"batch", "setting", "stopped"}, "table"}``, one dict per case with its status
@@ -265,6 +268,27 @@ def xla_plan_bytes(compiled) -> int | None:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
+def shape_caching_trainer():
+    """A :class:`~moee_jax.train.trainer.Trainer` subclass whose instances share, per stage, the
+    abstract train state and its shardings (``jax.eval_shape`` of the stage's ``init``, the costliest
+    part of building a trainer: minutes of tracing for sd15 on a slow host). The state's shapes do
+    not depend on what the cases vary (attention, remat, batch: ``init`` sees one example), and every
+    trainer's mesh is the same one device."""
+    from moee_jax.train.trainer import Trainer
+
+    shapes: dict[str, tuple] = {}
+
+    class SuiteTrainer(Trainer):
+        def _build_state(self) -> None:
+            stage = self.config.stage
+            if stage not in shapes:
+                super()._build_state()
+                shapes[stage] = (self.abstract_state, self.state_shardings, self.num_trainable, self.num_frozen)
+            self.abstract_state, self.state_shardings, self.num_trainable, self.num_frozen = shapes[stage]
+
+    return SuiteTrainer
+
+
 def _init_leaf(path: tuple[str, ...], shape: tuple[int, ...], dtype, rng):
     """Random initial values of one parameter (host NumPy): norm scales 1, biases 0, every other
     floating leaf uniform with the variance of LeCun-normal (``1 / fan_in``; 0.02² for vectors)."""
@@ -332,6 +356,8 @@ class Suite:
         self._stage1_state = None
         self._animator = None
         self._sampling_s = None  # the first sampler's clip loop: the conditions' share is of this
+        self._trainer_class = shape_caching_trainer()
+        self.largest_batch = None
 
     # -- bookkeeping ------------------------------------------------------------------------------------
 
@@ -373,24 +399,32 @@ class Suite:
     # -- training ---------------------------------------------------------------------------------------
 
     def _trainer(self, stage: str, *, attention: str, remat: str, batch: int):
-        from moee_jax.train.trainer import Trainer
-
         c = make_config(stage, self.args, attention=attention, remat=remat, batch=batch)
         with one_device():
-            return Trainer(c, self.workdir / f"{stage}_{attention}_{remat}_{batch}", source=self.records)
+            return self._trainer_class(c, self.workdir / f"{stage}_{attention}_{remat}_{batch}", source=self.records)
 
     def stage2_state(self):
-        """The stage-2 trainer and its randomly initialised state (built once; the optimizer state
-        is made when the stage-2 step needs it, so that it is not resident during inference)."""
-        if self._stage2 is None:
+        """The stage-2 trainer and its randomly initialised state (the stage-1 state is freed first;
+        the optimizer state is made when the stage-2 step needs it, so that it is not resident
+        during inference)."""
+        if self._stage1_state is not None:
+            self._stage1_state = None
+            gc.collect()
+        if self._stage2 is None or not _alive(self._stage2[1]):
             trainer = self._trainer("stage2", attention=self.args.attentions[0], remat=self.args.remats[0], batch=1)
-            self._stage2 = (trainer, random_state(trainer, with_optimizer=False))
+            self._stage2, self._animator = (trainer, random_state(trainer, with_optimizer=False)), None
         return self._stage2
 
-    def release_stage2(self) -> None:
-        """Free the stage-2 state and the animator before the stage-1 cases."""
-        self._stage2 = self._animator = None
-        gc.collect()
+    def stage1_state(self, trainer):
+        """The stage-1 state (random on first use, then what the last stage-1 step left); the
+        stage-2 state and the animator are freed first."""
+        if self._stage2 is not None or self._animator is not None:
+            self._stage2 = self._animator = None
+            gc.collect()
+        if self._stage1_state is None or not _alive(self._stage1_state):  # new, or consumed by a failed (donated) step
+            self._stage1_state = None
+            self._stage1_state = random_state(trainer)
+        return self._stage1_state
 
     def _time_steps(self, trainer, state, row: dict):
         """Compile ``trainer``'s step for ``state`` and time it; fills ``row``; returns the new state."""
@@ -400,6 +434,7 @@ class Suite:
         from moee_jax.train import metrics
 
         batch = to_global(trainer.example, trainer.batch_shardings)
+        state = jax.device_put(state, trainer.state_shardings)  # another case's state: the same placement, this trainer's mesh
         t = time.perf_counter()
         trainer.compile(state, batch)
         row["compile_s"] = time.perf_counter() - t
@@ -427,10 +462,9 @@ class Suite:
             import jax
 
             trainer, state = self.stage2_state()
-            if not _alive(state):  # an earlier failed step consumed the donated state
-                state = random_state(trainer, with_optimizer=False)
             if state.opt_state is None:
                 state = state.replace(opt_state=jax.jit(trainer.tx.init, out_shardings=trainer.state_shardings.opt_state)(state.trainable))
+            self._animator = None  # its parameters are the state's, which the step donates
             self._stage2 = (trainer, self._time_steps(trainer, state, row))
 
         a = self.args
@@ -450,18 +484,19 @@ class Suite:
 
         def body(row):
             trainer = self._trainer("stage1", attention=attention, remat=remat, batch=batch)
-            state = self._stage1_state
-            if state is None or not _alive(state):
-                self._stage1_state = state = None
-                state = random_state(trainer)
-            self._stage1_state = self._time_steps(trainer, state, row)
+            self._stage1_state = self._time_steps(trainer, self.stage1_state(trainer), row)
 
         name = f"{attention}, remat {remat}" + (f", batch {batch}" if section == "batch" else "")
         return self._run(section, name, fields, body)
 
-    def run_stage1(self) -> None:
+    def run_stage1_first(self) -> None:
+        """The default attention at the first remat."""
+        self._stage1_case(self.args.attentions[0], self.args.remats[0], 1)
+
+    def run_stage1_rest(self) -> None:
+        """The other remats with the default attention, then the other attentions at the fastest remat."""
         a = self.args
-        for remat in a.remats:
+        for remat in a.remats[1:]:
             self._stage1_case(a.attentions[0], remat, 1)
         ran = [r for r in self.results if r["section"] == "stage1" and r["status"] == "ok"]
         best_remat = min(ran, key=lambda r: r["step_s"])["remat"] if ran else a.remats[0]
@@ -513,12 +548,31 @@ class Suite:
         speech = Speech(record["audio"][:samples].astype("float32"), pathlib.Path("device_suite.wav"))
         return image, speech, parse_emotion("happy")
 
-    def run_inference(self) -> None:
-        a = self.args
-        for sampler, steps in (("ddim", a.ddim_steps), ("dpmpp_2m", a.dpm_steps)):
-            self._run("inference", f"{sampler} {steps} steps", dict(sampler=sampler, steps=steps, batch=1),
-                      lambda row, s=sampler, n=steps: self._sample(row, s, n))  # fmt: skip
+    def run_sampler(self, sampler: str, steps: int) -> None:
+        self._run("inference", f"{sampler} {steps} steps", dict(sampler=sampler, steps=steps, batch=1),
+                  lambda row: self._sample(row, sampler, steps))  # fmt: skip
+
+    def run_conditions(self) -> None:
         self._run("inference", "conditions (ReferenceNet once per clip)", dict(batch=1), self._conditions)
+
+    def plan(self) -> list[Callable[[], object]]:
+        """The cases in run order: first one case of each section, smallest memory first (so that each
+        raises the process's peak: inference, stage 2, stage 1), then the rest of each section."""
+        a, wanted = self.args, set(self.args.sections)
+        steps: list[Callable[[], object]] = []
+        if "inference" in wanted:
+            steps.append(lambda: self.run_sampler("ddim", a.ddim_steps))
+        if "stage2" in wanted:
+            steps.append(self.run_stage2)
+        if "stage1" in wanted:
+            steps.append(self.run_stage1_first)
+        if "inference" in wanted:
+            steps += [lambda: self.run_sampler("dpmpp_2m", a.dpm_steps), self.run_conditions]
+        if "stage1" in wanted:
+            steps.append(self.run_stage1_rest)
+        if "batch" in wanted:
+            steps.append(lambda: setattr(self, "largest_batch", self.run_batch()))
+        return steps
 
     def _sample(self, row: dict, sampler: str, steps: int) -> None:
         import jax
@@ -647,18 +701,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="moee_device_suite_") as tmp:
         suite = Suite(args, budget, pathlib.Path(tmp))
-        largest = None
-        for section in args.sections:
-            if section == "inference":
-                suite.run_inference()
-            elif section == "stage2":
-                suite.run_stage2()
-            elif section == "stage1":
-                suite.release_stage2()
-                suite.run_stage1()
-            else:
-                suite.release_stage2()
-                largest = suite.run_batch()
+        for step in suite.plan():
+            step()
     device = suite.device
     meta = {
         "date": str(datetime.date.today()), "device_kind": device.device_kind, "platform": device.platform,
@@ -668,7 +712,7 @@ def main(argv: list[str] | None = None) -> dict:
         "budget_s": args.budget_s, "elapsed_s": budget.elapsed(), "peak_flops": suite.peak, "peak_source": suite.peak_source,
         "command": "python benchmarks/device_suite.py " + " ".join(sys.argv[1:] if argv is None else argv),
     }  # fmt: skip
-    doc = {"meta": meta, **{s: [r for r in suite.results if r["section"] == s] for s in SECTIONS}, "largest_batch": largest}
+    doc = {"meta": meta, **{s: [r for r in suite.results if r["section"] == s] for s in SECTIONS}, "largest_batch": suite.largest_batch}
     doc["table"] = format_table(meta, suite.results)
     print(doc["table"], flush=True)
     atomic_write_text(args.out, json.dumps(doc, indent=2, default=str))
