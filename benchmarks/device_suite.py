@@ -90,9 +90,13 @@ SMOKE = dict(variant="tiny", dtype="float32", size=32, frames=4, steps=2, warmup
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--smoke", action="store_true", help="tiny configs at tiny shapes (CPU): the same code paths in a minute or two")
+    p.add_argument("--smoke", action="store_true", help="tiny configs at 32² × 4 frames in float32 (a CPU): the same code paths")
     p.add_argument("--out", default="device_suite.json", help="the JSON file written (default: device_suite.json)")
-    p.add_argument("--sections", default=",".join(SECTIONS), help=f"which sections, in this order: a comma list of {SECTIONS}")
+    p.add_argument(
+        "--sections",
+        default=",".join(SECTIONS),
+        help=f"which sections run: a comma list of {SECTIONS} (the order of the cases is fixed: see the module docstring)",
+    )
     p.add_argument("--budget_s", type=float, default=None, help="wall-clock budget of the whole run (default 420; smoke 1800)")
     p.add_argument("--dtype", default=None, help="activation dtype (default bfloat16; smoke: float32, as bf16 is emulated on a CPU)")
     p.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak TFLOP/s for MFU (default: the published table)")
