@@ -1,16 +1,23 @@
-"""Training-step and forward time of our U-Net against diffusers' ``UNet2DConditionModel``.
+"""Training-step and forward time of our U-Net against diffusers' ``UNet2DConditionModel`` and, for
+the video U-Net, ``UNetMotionModel`` (the U-Net with AnimateDiff's ``MotionAdapter``).
 
 Both models get the same topology and the same weights: the PyTorch model is built at random,
-saved with ``save_pretrained`` and converted by :func:`moee_jax.checkpoint.convert.unet.convert_unet`.
-The comparison is spatial only (no motion modules, no audio attention): one frame per clip,
-``(B, 1, H, W, 4)`` for ours and ``(B, 4, H, W)`` for PyTorch, context ``(B, 77, D_ctx)``.
+saved with ``save_pretrained`` and converted by :func:`moee_jax.checkpoint.convert.unet.convert_unet`
+(the U-Net folder, plus the motion adapter's folder for a video config). No audio attention, no
+reference or emotion parts: the backbone the two libraries share.
+
+* **spatial** configs (``tiny``, ``mid``, ``sd15``): one frame per clip, ``(B, 1, H, W, 4)`` for ours
+  and ``(B, 4, H, W)`` for PyTorch, context ``(B, 77, D_ctx)``.
+* **video** configs (``tiny-video``, ``mid-video``): the same U-Net with motion modules after every
+  ResNet/attention pair and in the middle block, ``F`` frames per clip: ``(B, F, H, W, 4)`` for ours,
+  ``(B, 4, F, H, W)`` for ``UNetMotionModel``, whose context is per frame ``(B·F, 77, D_ctx)``.
 
 A training step is the gradient of an MSE loss on the output with respect to every parameter
 (``jax.value_and_grad`` jitted; ``loss.backward()``). Times are medians over ``--iters`` calls
 after ``--warmup`` calls. FLOPs are XLA's count for our compiled step.
 
-    python benchmarks/unet_step.py                         # tiny and mid, fp32
-    python benchmarks/unet_step.py --configs mid --iters 20
+    python benchmarks/unet_step.py                         # tiny, mid, tiny-video, mid-video, fp32
+    python benchmarks/unet_step.py --configs mid,mid-video --iters 20
     python benchmarks/unet_step.py --sd15 --dtype bfloat16 # adds SD1.5 at 64×64 latents
 
 ``--dtype bfloat16`` means mixed precision for both: fp32 parameters, bf16 compute (our
@@ -86,6 +93,29 @@ CONFIGS = {
     ),
 }
 
+# Video configs: name → (spatial config, frames per clip, batch of clips, diffusers MotionAdapter kwargs).
+VIDEO = {
+    "tiny-video": ("tiny", 4, 1, dict(motion_num_attention_heads=4, motion_norm_num_groups=8)),
+    "mid-video": ("mid", 8, 1, dict(motion_num_attention_heads=8, motion_norm_num_groups=32)),
+}
+ALL_CONFIGS = sorted(CONFIGS) + sorted(VIDEO)
+
+
+def setup_of(name: str) -> tuple[dict, int, int, int, dict | None]:
+    """``(diffusers U-Net kwargs, latent side, batch, frames, MotionAdapter kwargs or None)``."""
+    if name in VIDEO:
+        base, frames, batch, motion = VIDEO[name]
+        kwargs, side, _ = CONFIGS[base]
+        adapter = dict(
+            block_out_channels=tuple(kwargs["block_out_channels"]),
+            motion_layers_per_block=kwargs["layers_per_block"],
+            motion_max_seq_length=32,
+            **motion,
+        )
+        return kwargs, side, batch, frames, adapter
+    kwargs, side, batch = CONFIGS[name]
+    return kwargs, side, batch, 1, None
+
 
 def _gpu_visible() -> bool:
     return os.path.exists("/dev/nvidia0") or shutil.which("nvidia-smi") is not None
@@ -102,36 +132,56 @@ def median_ms(fn, sync, warmup: int, iters: int) -> float:
     return 1e3 * statistics.median(times)
 
 
-def make_inputs(kwargs: dict, side: int, batch: int) -> dict:
-    """Channels-last numpy inputs: ``sample``/``target`` (B, 1, H, W, C), ``context``, ``timesteps``."""
+def make_inputs(kwargs: dict, side: int, batch: int, frames: int = 1) -> dict:
+    """Channels-last numpy inputs: ``sample``/``target`` (B, F, H, W, C), ``context``, ``timesteps``."""
     rng = np.random.default_rng(0)
     return {
-        "sample": rng.standard_normal((batch, 1, side, side, kwargs["in_channels"]), np.float32),
-        "target": rng.standard_normal((batch, 1, side, side, kwargs["out_channels"]), np.float32),
+        "sample": rng.standard_normal((batch, frames, side, side, kwargs["in_channels"]), np.float32),
+        "target": rng.standard_normal((batch, frames, side, side, kwargs["out_channels"]), np.float32),
         "context": rng.standard_normal((batch, CONTEXT_TOKENS, kwargs["cross_attention_dim"]), np.float32),
         "timesteps": rng.integers(0, 1000, (batch,)).astype(np.int32),
     }
 
 
-def torch_side(kwargs: dict, inputs: dict, weights_dir: str, dtype: str, threads: int, warmup: int, iters: int) -> dict:
-    """Child process: build and save the diffusers U-Net, time it, return times and its forward output."""
+def torch_side(
+    kwargs: dict, adapter: dict | None, inputs: dict, weights_dir: str, dtype: str, threads: int, warmup: int, iters: int
+) -> dict:
+    """Child process: build the diffusers U-Net (with ``adapter``: ``UNetMotionModel`` from it and a
+    ``MotionAdapter``), save the weights under ``weights_dir/{unet,motion_adapter}``, time it, return
+    times and its forward output (channels last)."""
     import diffusers
     import torch
-    from diffusers import UNet2DConditionModel
+    from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 
     torch.set_num_threads(threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = UNet2DConditionModel(**kwargs)
-    model.save_pretrained(weights_dir, safe_serialization=True)
+    model.save_pretrained(f"{weights_dir}/unet", safe_serialization=True)
+    if adapter is not None:
+        motion = MotionAdapter(**adapter)
+        motion.save_pretrained(f"{weights_dir}/motion_adapter", safe_serialization=True)
+        model = UNetMotionModel.from_unet2d(model, motion)
     model = model.to(device)
 
     def to_torch(a):
         return torch.from_numpy(np.ascontiguousarray(a)).to(device)
 
-    x = to_torch(inputs["sample"][:, 0].transpose(0, 3, 1, 2))  # (B, 1, H, W, C) → (B, C, H, W)
-    y = to_torch(inputs["target"][:, 0].transpose(0, 3, 1, 2))
-    c, t = to_torch(inputs["context"]), to_torch(inputs["timesteps"].astype(np.int64))
+    frames = inputs["sample"].shape[1]
+    if adapter is None:  # (B, 1, H, W, C) → (B, C, H, W)
+        x = to_torch(inputs["sample"][:, 0].transpose(0, 3, 1, 2))
+        y = to_torch(inputs["target"][:, 0].transpose(0, 3, 1, 2))
+        c = to_torch(inputs["context"])
+    else:  # (B, F, H, W, C) → (B, C, F, H, W); UNetMotionModel takes one context per frame
+        x = to_torch(inputs["sample"].transpose(0, 4, 1, 2, 3))
+        y = to_torch(inputs["target"].transpose(0, 4, 1, 2, 3))
+        c = to_torch(np.repeat(inputs["context"], frames, axis=0))
+    t = to_torch(inputs["timesteps"].astype(np.int64))
+
+    def channels_last(a):
+        a = a.float().cpu().numpy()
+        return a.transpose(0, 2, 3, 1)[:, None] if a.ndim == 4 else a.transpose(0, 2, 3, 4, 1)
+
     autocast_dtype = {"float32": None, "bfloat16": torch.bfloat16}[dtype]
 
     def autocast():
@@ -162,7 +212,7 @@ def torch_side(kwargs: dict, inputs: dict, weights_dir: str, dtype: str, threads
     return {
         "step": step_ms,
         "fwd": fwd_ms,
-        "out": forward().float().cpu().numpy().transpose(0, 2, 3, 1),
+        "out": channels_last(forward()),
         "params": sum(p.numel() for p in model.parameters()),
         "peak": torch.cuda.max_memory_allocated() if device.type == "cuda" else None,
         "versions": f"torch {torch.__version__} on {device}"
@@ -172,11 +222,19 @@ def torch_side(kwargs: dict, inputs: dict, weights_dir: str, dtype: str, threads
     }
 
 
-def ours_config(diffusers_kwargs: dict, attention: str):
-    """Our spatial-only config equal to a diffusers ``UNet2DConditionModel`` config."""
+def ours_config(diffusers_kwargs: dict, attention: str, adapter: dict | None = None):
+    """Our config equal to a diffusers ``UNet2DConditionModel`` config (spatial only), or with
+    ``adapter`` (``MotionAdapter`` kwargs) to the ``UNetMotionModel`` built from the two."""
     from moee_jax.models.unet import UNetConfig
 
     d = diffusers_kwargs
+    motion = {}
+    if adapter is not None:
+        motion = dict(
+            motion_num_attention_heads=adapter["motion_num_attention_heads"],
+            motion_norm_num_groups=adapter["motion_norm_num_groups"],
+            motion_max_seq_length=adapter["motion_max_seq_length"],
+        )
     return UNetConfig(
         in_channels=d["in_channels"],
         out_channels=d["out_channels"],
@@ -186,9 +244,10 @@ def ours_config(diffusers_kwargs: dict, attention: str):
         num_attention_heads=d["attention_head_dim"],
         cross_attention_dim=d["cross_attention_dim"],
         norm_num_groups=d["norm_num_groups"],
-        motion_modules=False,
+        motion_modules=adapter is not None,
         audio_dim=None,
         attention_implementation=attention,
+        **motion,
     )
 
 
@@ -200,7 +259,9 @@ def flops_of(compiled) -> float | None:
     return None if not cost or "flops" not in cost else float(cost["flops"])
 
 
-def jax_side(kwargs: dict, inputs: dict, weights_dir: str, dtype: str, attention: str, warmup: int, iters: int) -> dict:
+def jax_side(
+    kwargs: dict, adapter: dict | None, inputs: dict, weights_dir: str, dtype: str, attention: str, warmup: int, iters: int
+) -> dict:
     """Convert the saved weights into our U-Net, compile and time its step and forward."""
     import jax
     import jax.numpy as jnp
@@ -208,8 +269,9 @@ def jax_side(kwargs: dict, inputs: dict, weights_dir: str, dtype: str, attention
     from moee_jax.checkpoint.convert.unet import convert_unet
     from moee_jax.models.unet import VideoUNet
 
-    unet = VideoUNet(ours_config(kwargs, attention), dtype=jnp.dtype(dtype))
-    params = jax.device_put(convert_unet(weights_dir, unet).params)
+    unet = VideoUNet(ours_config(kwargs, attention, adapter), dtype=jnp.dtype(dtype))
+    motion = f"{weights_dir}/motion_adapter" if adapter is not None else None
+    params = jax.device_put(convert_unet(f"{weights_dir}/unet", unet, motion_adapter=motion).params)
     x, y, c, t = (jax.device_put(inputs[k]) for k in ("sample", "target", "context", "timesteps"))
 
     def forward(p, x, t, c):
@@ -228,7 +290,7 @@ def jax_side(kwargs: dict, inputs: dict, weights_dir: str, dtype: str, attention
     return {
         "step": step_ms,
         "fwd": fwd_ms,
-        "out": np.asarray(fwd(params, x, t, c), np.float32)[:, 0],
+        "out": np.asarray(fwd(params, x, t, c), np.float32),
         "params": sum(a.size for a in jax.tree_util.tree_leaves(params)),
         "flops": flops_of(step),
         "compile_s": compile_s,
@@ -240,25 +302,25 @@ def bench(names: list[str], args) -> list[dict]:
     """All PyTorch runs (each in a fresh child process) first, then ours, on the same weights."""
     setups = {}
     for name in names:
-        kwargs, side, batch = CONFIGS[name]
+        kwargs, side, batch, frames, adapter = setup_of(name)
         batch = args.batch or batch
-        setups[name] = (kwargs, side, batch, make_inputs(kwargs, side, batch))
+        setups[name] = (kwargs, adapter, side, batch, frames, make_inputs(kwargs, side, batch, frames))
     results = []
     with tempfile.TemporaryDirectory() as tmp:
         refs = {}
         spawn = multiprocessing.get_context("spawn")
-        for name, (kwargs, _, _, inputs) in setups.items():
+        for name, (kwargs, adapter, _, _, _, inputs) in setups.items():
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
                 refs[name] = pool.submit(
-                    torch_side, kwargs, inputs, f"{tmp}/{name}", args.dtype, args.torch_threads, args.warmup, args.iters
+                    torch_side, kwargs, adapter, inputs, f"{tmp}/{name}", args.dtype, args.torch_threads, args.warmup, args.iters
                 ).result()
-        for name, (kwargs, side, batch, inputs) in setups.items():
-            ours = jax_side(kwargs, inputs, f"{tmp}/{name}", args.dtype, args.attention, args.warmup, args.iters)
+        for name, (kwargs, adapter, side, batch, frames, inputs) in setups.items():
+            ours = jax_side(kwargs, adapter, inputs, f"{tmp}/{name}", args.dtype, args.attention, args.warmup, args.iters)
             ref = refs[name]
             if ours["params"] != ref["params"]:
                 raise RuntimeError(f"{name}: ours has {ours['params']} parameters, diffusers {ref['params']}")
             rel = float(np.linalg.norm(ours["out"] - ref["out"]) / np.linalg.norm(ref["out"]))
-            results.append({"name": name, "batch": batch, "side": side, "ours": ours, "torch": ref, "rel_err": rel})
+            results.append({"name": name, "batch": batch, "frames": frames, "side": side, "ours": ours, "torch": ref, "rel_err": rel})
     return results
 
 
@@ -275,7 +337,7 @@ def table(results, peak_tflops: float | None) -> str:
         gflop = None if o["flops"] is None else o["flops"] / 1e9
         rate = None if gflop is None else gflop / (o["step"] / 1e3)
         row = [
-            f"{r['name']} (B={r['batch']}, {r['side']}²)",
+            f"{r['name']} (B={r['batch']}{'' if r['frames'] == 1 else ' × F=' + str(r['frames'])}, {r['side']}²)",
             f"{o['params'] / 1e6:.2f}",
             f"{o['step']:.1f}",
             f"{t['step']:.1f}",
@@ -308,7 +370,7 @@ def _gib(b) -> str:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--configs", default="tiny,mid", help=f"comma-separated, from {sorted(CONFIGS)}")
+    parser.add_argument("--configs", default="tiny,mid,tiny-video,mid-video", help=f"comma-separated, from {ALL_CONFIGS}")
     parser.add_argument("--sd15", action="store_true", help="also run SD1.5 at 64×64 latents (slow on CPU)")
     parser.add_argument("--iters", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
@@ -319,9 +381,9 @@ def main(argv=None) -> None:
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, adds an MFU column")
     args = parser.parse_args(argv)
     names = [n for n in args.configs.split(",") if n] + (["sd15"] if args.sd15 else [])
-    unknown = [n for n in names if n not in CONFIGS]
+    unknown = [n for n in names if n not in CONFIGS and n not in VIDEO]
     if unknown:
-        parser.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
+        parser.error(f"unknown config(s) {unknown}; choose from {ALL_CONFIGS}")
     names = list(dict.fromkeys(names))
 
     # Before jax initialises its backends. Without a GPU, pin CPU so a CUDA-enabled jax does not
@@ -342,7 +404,7 @@ def main(argv=None) -> None:
     print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}); {results[0]['torch']['versions']}")
     print(f"threads: {results[0]['torch']['threads']} (own process); XLA CPU: own pool over {os.cpu_count()} cores")
     print(f"dtype {args.dtype}, our attention {args.attention!r}, median of {args.iters} after {args.warmup} warm-up, "
-          f"one frame per clip, {CONTEXT_TOKENS} context tokens\n")  # fmt: skip
+          f"{CONTEXT_TOKENS} context tokens; spatial rows one frame per clip, video rows F frames with motion modules\n")  # fmt: skip
     print(table(results, args.peak_tflops))
     print()
     # Other processes on the machine distort CPU timings; the load average says how much.
