@@ -9,6 +9,7 @@ whose peak the runtime does not report, the peak is measured: the best fp32 thro
 jitted 2048² matmul on all its cores (``--peak_tflops 0``; "MFU vs GEMM").
 
     python benchmarks/train_step.py                       # CPU: tiny stage1/2, sd15-shaped stage2
+    python benchmarks/train_step.py --cases demo:stage1 demo:stage2   # the CPU demo's own steps
     python benchmarks/train_step.py --cases sd15:stage1:512:16 --dtype bfloat16   # on a GPU
 """
 
@@ -29,6 +30,14 @@ REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 def _config(stage: str, variant: str):
+    """The stage's config of a backbone variant (``configs/<stage>.py:<variant>``), or for ``demo`` /
+    ``demo-gpu`` the stage as the built-in demo trains it (``configs/demo.py``: its model, frames,
+    image size, batch and data options)."""
+    if variant.startswith("demo"):
+        spec = importlib.util.spec_from_file_location("cfg_demo", REPO / "configs" / "demo.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module.get_config("gpu" if variant == "demo-gpu" else "cpu").stages[stage]
     spec = importlib.util.spec_from_file_location(f"cfg_{stage}", REPO / "configs" / f"{stage}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -38,8 +47,8 @@ def _config(stage: str, variant: str):
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", nargs="+", default=["tiny:stage1:32:4", "tiny:stage2:32:4", "sd15:stage2:64:2"],
-                        help="variant:stage:image_size:frames")  # fmt: skip
-    parser.add_argument("--batch", type=int, default=0, help="global batch (default: one per device)")
+                        help="variant:stage:image_size:frames; for variant demo / demo-gpu size and frames may be left out")  # fmt: skip
+    parser.add_argument("--batch", type=int, default=0, help="global batch (default: one per device; demo cases: the demo's)")
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--dtype", default="float32")
@@ -60,13 +69,15 @@ def main() -> None:
     rows = []
     gemm_peak = None
     with tempfile.TemporaryDirectory() as tmp:
-        sizes = sorted({int(c.split(":")[2]) for c in args.cases})
+        cases = [_full_case(case) for case in args.cases]
+        sizes = sorted({int(c.split(":")[2]) for c in cases})
         for size in sizes:
             build(SyntheticConfig(name=f"bench{size}", size=size, num_frames=40, train_identities=2, test_identities=1,
                                   clips_per_emotion=1, intensities=(1.0,)), tmp)  # fmt: skip
-        for case in args.cases:
+        for case in cases:
             variant, stage, size, frames = case.split(":")
             c = _config(stage, variant)
+            demo_batch = int(c.train.batch_size) if variant.startswith("demo") else 0
             c.dtype = args.dtype
             c.model.unet.remat = args.remat
             for item in args.unet:
@@ -78,7 +89,7 @@ def main() -> None:
             c.video.num_frames = int(frames)
             c.data.update(data_dir=tmp, name=f"synthetic_talking_faces/bench{size}", num_frames=int(frames), image_size=int(size),
                           reference_min_distance=0)  # fmt: skip
-            c.train.batch_size = args.batch or jax.device_count()
+            c.train.batch_size = args.batch or demo_batch or jax.device_count()
             c.train.ema_decay = 0.0
             c.mesh.shape = (-1, 1, 1)
             t0 = time.perf_counter()
@@ -109,10 +120,23 @@ def main() -> None:
     print(f"# train step, {datetime.date.today()}, {device.device_kind} × {jax.device_count()} ({platform.machine()}, "
           f"{os.cpu_count()} CPUs), {args.dtype}, remat={args.remat}"
           + (f", MFU vs measured GEMM peak {gemm_peak / 1e9:.1f} GFLOP/s" if gemm_peak else ""))  # fmt: skip
-    print("| case (variant:stage:size:frames) | trainable M | total M | batch | step ms | examples/s | GFLOP/step | GFLOP/s | MFU | compile s |")
+    print(
+        "| case (variant:stage:size:frames) | trainable M | total M | batch | step ms | examples/s | GFLOP/step | GFLOP/s | MFU | compile s |"
+    )
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for row in rows:
         print(_row(row))
+
+
+def _full_case(case: str) -> str:
+    """``demo:stage1`` → ``demo:stage1:<the demo's image size>:<its frames>``; others unchanged."""
+    parts = case.split(":")
+    if len(parts) == 2 and parts[0].startswith("demo"):
+        c = _config(parts[1], parts[0])
+        return f"{case}:{int(c.data.image_size)}:{int(c.video.num_frames)}"
+    if len(parts) != 4:
+        raise SystemExit(f"train_step.py: case {case!r}: expected variant:stage:image_size:frames (or demo:stage)")
+    return case
 
 
 def measured_gemm_peak(dtype: str = "float32", n: int = 2048, repeats: int = 7) -> float:
