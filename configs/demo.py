@@ -4,7 +4,7 @@ Variants:
   cpu  the README's main job on 2 CPU cores: 32² frames, the tiny model on lossless space-to-depth
        latents. ``moee demo`` animates and scores the held-out identities with the checkpoint shipped
        in ``checkpoints/demo_cpu`` (a few minutes); ``moee demo --from-scratch`` trains that checkpoint
-       again from nothing (hours on 2 cores; see the README for the time and the numbers it gives).
+       again from nothing (about 1h40m on 2 cores; see the README for the numbers it gives).
   gpu  the same recipe, larger: 64² frames, more identities and steps (for a machine with an
        accelerator; always trains from scratch).
 
@@ -39,7 +39,7 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         compounds=("happy:0.5,surprised:0.5", "sad:0.5,fearful:0.5", "happily_surprised", "sadly_fearful"), seed=0,
     ))  # fmt: skip
     image = 32 if not gpu else 64
-    steps = {"vae": 0, "stage1": 8000, "stage2": 1000} if not gpu else {"vae": 0, "stage1": 60000, "stage2": 10000}
+    steps = {"vae": 0, "stage1": 4000, "stage2": 400} if not gpu else {"vae": 0, "stage1": 60000, "stage2": 10000}
     c.stages = ConfigDict()
     for stage, n in steps.items():
         s = training.training_config(stage, "tiny")

@@ -4,9 +4,8 @@ Two ways, one result:
 
 * **shipped checkpoint** (the default where the config names one, ``checkpoints/demo_cpu``): build
   the held-out split of the synthetic dataset, load the shipped run and its expression reader,
-  animate and score. Minutes on 2 CPU cores. Where the named checkpoint is not there (none is
-  shipped yet), the demo trains the config's **short recipe** (``config.short_steps``, about 30
-  minutes on 2 cores) from scratch instead and says so.
+  animate and score. About 10 minutes on 2 CPU cores. Where the named checkpoint is not there, the
+  demo trains the config's **short recipe** (``config.short_steps``) from scratch instead and says so.
 * **from scratch** (``--from-scratch``, and always where the config names no checkpoint):
 
   1. build the ``synthetic_talking_faces`` dataset of ``config.data`` under ``OUT/data`` (held-out
@@ -48,7 +47,9 @@ class DemoError(RuntimeError):
     """A demo that cannot run as asked; the message says what to do."""
 
 
-def _build_data(config: ConfigDict, data_dir: pathlib.Path, *, held_out_only: bool) -> str:
+def build_data(config: ConfigDict, data_dir: pathlib.Path, *, held_out_only: bool) -> str:
+    """Build the demo's synthetic dataset (``config.data``) under ``data_dir``; ``held_out_only``: the
+    ``test`` split alone (what scoring a shipped checkpoint needs). Returns its TFDS ``name/config``."""
     from moee_jax.data.builders.synthetic_talking_faces import SyntheticConfig, build
 
     d = {k: tuple(v) if isinstance(v, list) else v for k, v in config.data.to_dict().items()}
@@ -119,7 +120,7 @@ def _run(config: ConfigDict, out: pathlib.Path, shipped: pathlib.Path | None) ->
     d = config.data
     what = "held-out split" if shipped is not None else f"{d.train_identities} training + {d.test_identities} held-out identities"
     with console.phase("data", f"synthetic talking faces, {what} → {out / 'data'}") as p:
-        name = _build_data(config, out / "data", held_out_only=shipped is not None)
+        name = build_data(config, out / "data", held_out_only=shipped is not None)
     timings["data_s"] = p["seconds"]
 
     losses: dict[str, dict] = {}

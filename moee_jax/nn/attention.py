@@ -68,15 +68,12 @@ def dot_product_attention(
     if implementation == "blockwise":
         return blockwise_attention(q, k, v, mask, block_q=block_q, block_k=block_k)
     # Scaling q (B·Lq·H·D values) rather than the logits (B·H·Lq·Lk) keeps XLA from materialising
-    # a second logits-sized tensor. Heads are moved next to the batch before the two products, so
-    # both are plain batched matmuls over (B, H): left to XLA's CPU backend, "bqhd,bkhd->bhqk" ran
-    # 5x slower on the motion modules' many short sequences (benchmarks/RESULTS.md).
-    qh, kh, vh = (t.transpose(0, 2, 1, 3) for t in (q * jnp.asarray(scale, q.dtype), k, v))
-    logits = jnp.einsum("bhqd,bhkd->bhqk", qh, kh, preferred_element_type=jnp.float32)
+    # a second logits-sized tensor.
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q * jnp.asarray(scale, q.dtype), k, preferred_element_type=jnp.float32)
     if mask is not None:
         logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, vh).transpose(0, 2, 1, 3)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
 def blockwise_attention(
