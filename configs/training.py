@@ -31,6 +31,7 @@ def common(tiny: bool) -> dict:
         grad_accum=1,  # micro-batches per step (the per-process batch is split into this many)
         ema_decay=0.0 if tiny else 0.9999,  # 0 disables the EMA
         log_every=5 if tiny else 50,
+        print_every=0,  # a progress line on the terminal every this many steps (0: every log step); all go to the log
         nan_patience=10,  # stop after this many non-finite steps in a row (their updates are skipped)
         init_from=(),  # final/ dirs of earlier stages (or a converted checkpoint); default: this run's earlier stages
         init_skip=(),  # path patterns the earlier stages do not fill (they keep their fresh initialisation)
@@ -115,6 +116,7 @@ _BOUNDS = {
     "train.b2": dict(minimum=0, maximum=1), "train.eps": dict(above=0), "train.weight_decay": dict(minimum=0),
     "train.grad_clip": dict(minimum=0), "train.grad_accum": dict(minimum=1, integer=True),
     "train.ema_decay": dict(minimum=0, maximum=1), "train.log_every": dict(minimum=1, integer=True),
+    "train.print_every": dict(minimum=0, integer=True),
     "train.nan_patience": dict(minimum=1, integer=True), "checkpoint.every_steps": dict(minimum=1, integer=True),
     "data.drop_emotion_p": dict(minimum=0, maximum=1), "data.drop_audio_p": dict(minimum=0, maximum=1),
     "data.drop_reference_p": dict(minimum=0, maximum=1), "data.drop_all_p": dict(minimum=0, maximum=1),

@@ -133,6 +133,8 @@ def _run(config: ConfigDict, out: pathlib.Path, shipped: pathlib.Path | None) ->
             c.data.data_dir = str(out / "data")
             c.data.name = name
             steps = int(c.train.steps)
+            if not c.train.get("print_every"):  # about 8 progress lines per stage on the terminal; demo.log keeps all
+                c.train.print_every = int(c.train.log_every) * max(1, -(-steps // (8 * int(c.train.log_every))))
             with console.phase(stage, f"{steps} steps → {run_dir / stage}" if steps else "nothing to train") as p:
                 result = Trainer(c, run_dir).run()
                 jsonl = run_dir / stage / "metrics.jsonl"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pathlib
+import re
 
 import jax
 import numpy as np
@@ -83,3 +84,17 @@ def test_stage1_freezes_the_vae_and_the_emotion_experts(two_stages):
         np.testing.assert_array_equal(value, init_frozen[path], err_msg=path)
 
 
+
+
+def test_the_terminal_gets_every_print_every_th_progress_line_and_the_log_file_gets_them_all(synthetic_tfds, tmp_path, capsys):
+    from moee_jax import console
+
+    data_dir, _ = synthetic_tfds
+    c = stage_config("embedder", data_dir, steps=6)
+    c.train.log_every, c.train.print_every = 1, 3
+    with console.log_to(tmp_path / "train.log"):
+        single_device_trainer(c, tmp_path / "run").run()
+    printed = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step")]
+    assert [line.split("|")[0].split()[1] for line in printed] == ["3/6", "6/6"]
+    logged = re.findall(r"step +(\d+)/6 \|", (tmp_path / "train.log").read_text())
+    assert logged == ["1", "2", "3", "4", "5", "6"]

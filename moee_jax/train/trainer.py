@@ -287,6 +287,7 @@ class Trainer:
         jsonl = metrics_lib.open_jsonl(self.layout.metrics(cfg.stage), start) if jax.process_index() == 0 else None
         losses: dict[int, float] = {}
         log_every, patience, examples = int(t.log_every), int(t.nan_patience), int(t.batch_size)
+        print_every = int(t.get("print_every", 0)) or log_every
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], cfg.dtype)
         failing = False
         with stop_signals.catch() as stop:  # SIGTERM / Ctrl-C: save at the end of the step and stop
@@ -319,7 +320,11 @@ class Trainer:
                             jsonl.write(json.dumps({"step": step, **values}) + "\n")
                             jsonl.flush()
                         if jax.process_index() == 0:
-                            console.line(progress.format(step, values))
+                            text = progress.format(step, values)
+                            if step % print_every == 0 or step == stop_at:
+                                console.line(text)
+                            else:
+                                log.info(text)  # the run's log file (console.log_to) keeps every line
                         bad = int(state.bad_steps)
                         if bad >= patience:
                             manager.wait_until_finished()
