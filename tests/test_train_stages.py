@@ -14,7 +14,6 @@ from tests.train_helpers import _leaves, _train_and_measure, single_device_train
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
-
 # measured 0.56 and 0.79; the KL VAE's 40 steps take about a CPU minute: the slow suite
 @pytest.mark.parametrize("stage, factor", [pytest.param("vae", 0.7, marks=pytest.mark.slow), ("embedder", 0.9)])
 def test_autoencoder_and_embedder_stages_reduce_their_loss(stage, factor, synthetic_tfds, tmp_path):
@@ -82,8 +81,6 @@ def test_stage1_freezes_the_vae_and_the_emotion_experts(two_stages):
     assert not any(p.startswith("vae/") or "/emotion/" in p for p in end_train)
     for path, value in end_frozen.items():
         np.testing.assert_array_equal(value, init_frozen[path], err_msg=path)
-
-
 
 
 def test_the_terminal_gets_every_print_every_th_progress_line_and_the_log_file_gets_them_all(synthetic_tfds, tmp_path, capsys):
