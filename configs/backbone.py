@@ -140,6 +140,10 @@ def get_config(arg: str = "tiny") -> ConfigDict:
     c.sampler = ConfigDict(sampler)
     # Nested CFG scales, in condition order: reference, audio, emotion (Hallo uses 3.5 overall).
     c.guidance = ConfigDict(dict(reference=2.0, audio=3.5, emotion=3.5))
+    # Compound emotions (palettes of several emotions) at inference: "guidance" mixes the guided
+    # predictions of one batch row per basic emotion, "gate" sets the palette as every Emotion MoE's
+    # global gate (MoEE's palette); see moee_jax.inference.compounds.
+    c.compound_mixing = "guidance"
     c.mesh = ConfigDict(dict(shape=(-1, 1, 1)))
     # Logical axis → mesh axis pairs for params and activations (moee_jax.parallel.rules); None keeps
     # the default table, which says why each choice is made.

@@ -9,6 +9,7 @@ every conditioning path changes the output; the video is still noise-like.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import pathlib
@@ -496,6 +497,36 @@ def test_batched_rendering_gives_each_video_what_rendering_it_alone_gives(animat
     assert np.abs(together[0].astype(int) - together[1].astype(int)).max() > 0
 
 
+@pytest.mark.slow  # compiles a one-step sampler with the mixing (~1 CPU minute)
+def test_a_compound_is_guided_towards_each_of_its_emotions_at_full_strength(animator, media):
+    face, audio = media["dir"] / "face.png", media["dir"] / "short.wav"
+    prepare = functools.partial(animator.prepare, face, audio, steps=1, detect=False)  # one DDIM step: linear in the prediction
+    compound = prepare(parse_emotion("happy:0.5,surprised:0.5"))
+    happy, surprised = prepare(parse_emotion("happy")), prepare(parse_emotion("surprised"))
+    rows = animator.compound_rows([compound.emotion])
+    assert rows is not None and len(rows.video) == 3
+
+    def first_clip(emotion, jobs, mix=None):
+        stack = lambda xs: jnp.concatenate(xs)  # noqa: E731
+        ref = stack([j.ref_latents for j in jobs])
+        motion = jnp.repeat(ref[:, None], animator.motion_frames, axis=1)
+        latents, _ = animator._clip_step(animator.params, emotion, jnp.asarray(np.concatenate([j.clip_audio(0) for j in jobs])), ref,
+                                         stack([j.face_features for j in jobs]), motion, jnp.stack([j.key for j in jobs]), jnp.int32(0),
+                                         compound.plan_arrays, scales=tuple(sorted(compound.scales.items())), mix=mix)  # fmt: skip
+        return np.asarray(latents)
+
+    mixed = first_clip(jax.tree_util.tree_map(jnp.asarray, rows.emotion), [compound] * 3, jnp.asarray(rows.mix))
+    null = jax.tree_util.tree_map(jnp.asarray, rows.emotion)
+    singles = first_clip(jax.tree_util.tree_map(lambda *x: jnp.concatenate(x), happy.emotion, surprised.emotion,
+                                                jax.tree_util.tree_map(lambda x: x[2:3], null)), [happy, surprised, compound])  # fmt: skip
+    np.testing.assert_allclose(mixed[0], mixed[1], atol=1e-5)
+    # ε(∅) + g[(ε_happy − ε(∅)) + (ε_surprised − ε(∅))]: each emotion's guided result, less the unguided one once
+    np.testing.assert_allclose(mixed[0], singles[0] + singles[1] - singles[2], atol=1e-4)
+    assert np.abs(singles[0] - singles[1]).max() > 1e-3  # the two emotions do differ
+    video = animator.render_job(compound)  # a compound alone renders through the same rows
+    assert video.shape[0] == compound.plan.num_frames
+
+
 # ---- outputs ----------------------------------------------------------------------------------------------------
 
 
@@ -614,6 +645,7 @@ def test_cli_animates_a_photo_with_a_compound_emotion_pasting_the_face_back(run_
     assert frames.shape == (13, 240, 320, 3) and audio is not None
     settings = json.loads(out.with_suffix(".json").read_text())
     assert settings["emotion"]["palette_gate_override"] and settings["guidance"]["audio"] == 2.5 and settings["detect_face"]
+    assert settings["compound_mixing"] == "guidance"  # one guided prediction per emotion, mixed (config default)
     assert len(_files(tmp_path / "frames")) == 13
 
 

@@ -204,6 +204,22 @@ def test_reader_judges_a_generated_compound_clip(reader):
     assert "top2" in yes and len(yes["top2"]) == 2
 
 
+def test_clips_of_one_component_alone_are_the_compound_checks_false_alarms():
+    from moee_jax.eval.evaluate import component_alone_judgements
+
+    clips = {e: synthetic.generate_clip(5, e, 1.0, seed=3, num_frames=12, size=SIZE) for e in ("happiness", "surprise", "fear")}
+    basic = {e: c.action_units for e, c in clips.items()}
+    judged = component_alone_judgements(basic, "happily_surprised")
+    assert len(judged) == 2 and not any(j["both_present"] for j in judged)
+    assert component_alone_judgements(basic, "sadly_fearful")[0]["components"]["fear"]["present"]  # sadness's clip is missing
+    compound = synthetic.generate_clip(5, "happy:0.5,surprised:0.5", 1.0, seed=3, num_frames=12, size=SIZE)
+    summary = M.summarize(compounds=[M.compound_components(compound.action_units, "happily_surprised")],
+                          compound_false_positives=judged + [M.compound_components(compound.action_units, "happily_surprised")])  # fmt: skip
+    assert summary["headline"]["compound_both_present_rate"] == 1.0  # a 50/50 palette passes on its true AUs
+    assert summary["headline"]["compound_false_positive_rate"] == pytest.approx(1 / 3)
+    assert "judged to show both: 0.333 (3 clips)" in M.to_markdown(summary)
+
+
 def test_compound_check_ignores_the_speaking_jaw():
     # A fully open speaking mouth (AU26 = 1) is not surprise: the check reads brows and lids.
     aus = np.zeros((10, synthetic.NUM_AUS))

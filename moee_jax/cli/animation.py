@@ -27,6 +27,11 @@ def animate() -> None:
     cfg_reference = flags.DEFINE_float("cfg_reference", None, "Guidance scale of the reference image (default: the config's).")
     cfg_audio = flags.DEFINE_float("cfg_audio", None, "Guidance scale of the speech (default: the config's).")
     cfg_emotion = flags.DEFINE_float("cfg_emotion", None, "Guidance scale of the emotion (default: the config's).")
+    compound_mixing = flags.DEFINE_enum(
+        "compound_mixing", None, ["guidance", "gate"],
+        "How a palette of several emotions is made (default: the config's): guidance mixes one guided prediction per "
+        "emotion, gate opens the experts together (MoEE's palette).",
+    )  # fmt: skip
     frames_dir = flags.DEFINE_string("frames_dir", None, "Also write every frame as PNG into this new folder.")
     no_detect = flags.DEFINE_bool("no_detect", False, "The image is already a face crop: skip face detection.")
     paste_back = flags.DEFINE_bool("paste_back", False, "Paste the animated face back into the whole photo.")
@@ -65,6 +70,7 @@ def animate() -> None:
                 if clash:
                     raise InputError(f"--batch takes every input from the manifest; drop {', '.join(clash)}")
                 animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value, audio_encoder=audio_encoder.value)
+                animator.compound_mixing = compound_mixing.value or animator.compound_mixing
                 result = animate_batch(
                     animator, batch.value, report=report.value, paste=paste_back.value,
                     on_row=lambda line, entry: print(f"line {line}: " + (f"wrote {entry['out']}" if "out" in entry else f"skipped: {entry['error']}")),
@@ -87,6 +93,7 @@ def animate() -> None:
                                  emotion_video=emotion_video.value)  # fmt: skip
             check_outputs(out.value, frames_dir.value)
             animator = Animator.from_run(checkpoint.value, text_encoder=text_encoder.value, audio_encoder=audio_encoder.value)
+            animator.compound_mixing = compound_mixing.value or animator.compound_mixing
             with console.progress_callback("animate", unit="clip") as clips, console.progress_callback("write", unit="frame") as frames:
                 animation = animate_to_file(
                     animator, image.value, audio.value, spec, out.value, frames_dir=frames_dir.value, paste=paste_back.value,

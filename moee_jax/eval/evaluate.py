@@ -85,14 +85,16 @@ def run_dataset(run_dir: str | pathlib.Path) -> tuple[str, str]:
 
 def cached_reader(path: str | pathlib.Path, size: int, steps: int, *, render_size: int | None = None, blend_fraction: float = 0.4):
     """The expression reader at ``path`` (a ``save_reader`` file) when it reads ``size``² frames drawn
-    at ``render_size`` (default ``size``); else one trained (``steps``, ``blend_fraction``) and saved there."""
+    at ``render_size`` (default ``size``) and was trained for ``steps``; else one trained (``steps``,
+    ``blend_fraction``) and saved there."""
     from moee_jax.eval.reader import load_reader, save_reader, train_reader
 
     path = pathlib.Path(path)
     render_size = int(render_size or size)
     if path.is_file():
         reader = load_reader(path)
-        if reader.size == size and int(reader.info.get("render_size", reader.size)) == render_size:
+        trained = int(reader.info.get("steps", steps))
+        if reader.size == size and int(reader.info.get("render_size", reader.size)) == render_size and trained == steps:
             return reader
     reader = train_reader(size, steps=steps, render_size=render_size, blend_fraction=blend_fraction)
     save_reader(reader, path)
@@ -117,6 +119,14 @@ def compound_record(clips: dict[str, dict], spec: str) -> dict | None:
     return clips.get(palette_name(parse_palette(spec)))
 
 
+def component_alone_judgements(basic_aus: dict[str, np.ndarray], compound: str) -> list[dict]:
+    """:func:`~moee_jax.eval.metrics.compound_components` of ``compound`` on the clips that show one
+    of its components alone (``basic_aus``: class → that clip's read AUs ``(F, 11)``; missing
+    components are skipped): the instrument's false alarms, which must stay near 0."""
+    parts = synthetic.COMPOUND_EMOTIONS[compound]
+    return [M.compound_components(basic_aus[e], compound) for e in parts if e in basic_aus]
+
+
 def ground_truth_ceiling(
     reader,
     tests: dict[str, dict[str, dict]],
@@ -138,6 +148,7 @@ def ground_truth_ceiling(
     """
     speakers = sorted(tests) if speakers is None else list(speakers)
     probs, targets, aus, compounds, sync, identity, missing = [], [], [], [], [], [], []
+    false_positives = []
     for speaker in speakers:
         clips = tests[speaker]
         truth = np.asarray(clips["neutral"]["identity"], np.float32)
@@ -152,6 +163,7 @@ def ground_truth_ceiling(
             identity.append(M.identity_error(pred["identity"], truth))
             return pred
 
+        basic_aus = {}
         for emotion in schema.CLASSES:
             if emotion not in clips:
                 missing.append(f"{speaker}/{emotion}")
@@ -160,6 +172,7 @@ def ground_truth_ceiling(
             probs.append(pred["probs"])
             targets.append(emotion)
             aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(emotion, 1.0)[2]))
+            basic_aus[emotion] = pred["aus"]
         for compound, spec in settings.compounds.items():
             record = compound_record(clips, spec)
             if record is None:
@@ -167,8 +180,10 @@ def ground_truth_ceiling(
                 continue
             pred = read(record)
             compounds.append(M.compound_components(pred["aus"], compound, probs=pred["probs"]))
+            false_positives += component_alone_judgements(basic_aus, compound)
     summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus,
-                          compounds=compounds, lip_sync=sync, identity=identity)  # fmt: skip
+                          compounds=compounds, compound_false_positives=false_positives, lip_sync=sync,
+                          identity=identity)  # fmt: skip
     if missing:
         summary["missing"] = missing
     return summary
@@ -261,9 +276,12 @@ def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *,
 def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float) -> dict:
     """A :func:`metrics.summarize` dict of rendered ``videos`` (one per item), plus ``label_effect``
     (mean absolute pixel change, 0–255, of each basic emotion's video against the neutral video of the
-    same speaker, portrait, speech and noise) and ``speech_only`` where there are speech items."""
+    same speaker, portrait, speech and noise) and ``speech_only`` where there are speech items. The
+    basic clips of each compound's components are also judged as that compound (its false alarms,
+    ``compounds.false_positive_rate``)."""
     probs, targets, aus, compounds, sync, identity = [], [], [], [], [], []
     speech_probs, speech_targets, label_effect = [], [], []
+    basic_aus: dict[str, dict[str, np.ndarray]] = {}  # speaker → class → read AUs
     neutral = {it.speaker: v for it, v in zip(items, videos) if it.kind == "basic" and it.tag == schema.NEUTRAL}
     for item, frames in zip(items, videos):
         pred = reader.predict(frames)
@@ -275,14 +293,16 @@ def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray],
             probs.append(pred["probs"])
             targets.append(item.target)
             aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(item.target, 1.0)[2]))
+            basic_aus.setdefault(item.speaker, {})[item.target] = pred["aus"]
             if item.target != schema.NEUTRAL and item.speaker in neutral:
                 label_effect.append(float(np.abs(frames.astype(np.float32) - neutral[item.speaker].astype(np.float32)).mean()))
         else:
             compounds.append(M.compound_components(pred["aus"], item.target, probs=pred["probs"]))
         sync.append(M.lip_sync(pred["mouth"], np.asarray(item.speech["audio"], np.float32), fps))
         identity.append(M.identity_error(pred["identity"], item.identity))
+    false_positives = [j for it in items if it.kind == "compound" for j in component_alone_judgements(basic_aus.get(it.speaker, {}), it.target)]
     summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus, compounds=compounds,
-                          lip_sync=sync, identity=identity)  # fmt: skip
+                          compound_false_positives=false_positives, lip_sync=sync, identity=identity)  # fmt: skip
     if label_effect:
         summary["label_effect"] = {"mean_abs_pixel_change": float(np.mean(label_effect)), "num_clips": len(label_effect),
                                    "units": "0-255, each emotion's video against the neutral one, same portrait, speech and noise"}  # fmt: skip

@@ -368,6 +368,7 @@ def train_reader(
     mouth_weight: float = 3.0,
     identity_weight: float = 0.2,
     render_size: int | None = None,
+    architecture: dict | None = None,
 ) -> Reader:
     """Train a reader for ``size × size`` frames on faces generated from ``identity_seeds``, drawn at
     ``render_size`` (the dataset's size; default ``size``) and area-shrunk to ``size``.
@@ -376,8 +377,9 @@ def train_reader(
     (:func:`reader_dataset`) and ``num_identities`` × ``frames_per_identity`` frames with an
     expression of their own each (:func:`recombined_dataset`, head poses and mouth openings taken
     from those clips); the seven classes at intensities in ``[0.3, 1]``, plus a share
-    ``compound_fraction`` of compounds and ``blend_fraction`` of two-emotion palette blends. Then :func:`fit_reader`. With the defaults this takes about
-    70 s of one CPU core at 32².
+    ``compound_fraction`` of compounds and ``blend_fraction`` of two-emotion palette blends. Then :func:`fit_reader`
+    (``architecture``: :class:`ReaderNet` fields to change). With the defaults this takes about 70 s of one
+    CPU core at 32².
     """
     if size < 8:
         raise ValueError(f"size must be at least 8 pixels, got {size}")
@@ -391,7 +393,7 @@ def train_reader(
     data_seconds = time.perf_counter() - start
     reader = fit_reader(
         data, seed=seed, steps=steps, batch_size=batch_size, learning_rate=learning_rate,
-        mouth_weight=mouth_weight, identity_weight=identity_weight,
+        mouth_weight=mouth_weight, identity_weight=identity_weight, architecture=architecture,
     )  # fmt: skip
     reader.info.update(
         render_size=int(render_size or size),

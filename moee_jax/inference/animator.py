@@ -41,6 +41,9 @@ from moee_jax.data.audio import SAMPLE_RATE
 from moee_jax.data.feature_cache import MANIFEST, read_run_manifest
 from moee_jax.diffusion import make_schedule
 from moee_jax.inference import inputs as inputs_lib
+from moee_jax.inference.compounds import MODES as COMPOUND_MODES
+from moee_jax.inference.compounds import CompoundRows, compound_rows
+from moee_jax.inference.compounds import components as compound_components
 from moee_jax.inference.emotion_inputs import EmotionInputs
 from moee_jax.inference.encoders import ModelEncoders, projection_inputs
 from moee_jax.inference.inputs import EmotionSpec, InputError, Speech
@@ -101,6 +104,9 @@ class Animator:
         self.emotion_inputs = EmotionInputs(self.emotion, self.encoders, size=self.size, downsample=self.downsample, fps=self.fps,
                                             clip_frames=self.clip_frames, context_frames=self.context_frames,
                                             mel_bins=self.mel_bins, text_length=self.text_length)  # fmt: skip
+        self.compound_mixing = str(config.get("compound_mixing", "guidance"))
+        if self.compound_mixing not in COMPOUND_MODES:
+            raise InputError(f"--checkpoint {source}: config.compound_mixing={self.compound_mixing!r}; choose one of {COMPOUND_MODES}")
         self._prepare = jax.jit(self._prepare_fn)
         # Guidance scales are static: a branch a scale gives no weight is then left out of the batch.
         self._clip_step = jax.jit(self._clip_step_fn, static_argnames=("scales",))
@@ -208,11 +214,18 @@ class Animator:
             "clips": plan.num_clips,
             "audio_features": "log-mel" if self.encoders.audio is None else f"wav2vec2 {self.encoders.audio_folder}",
         }
+        if compound_components(sources):
+            settings["compound_mixing"] = self.compound_mixing
         return Job(
             portrait=portrait, speech=speech, plan=plan, mel=mel, emotion=sources,
             plan_arrays=sampling["plan"], scales=sampling["scales"], key=jax.random.key(seed), ref_latents=ref_latents,
             face_features=face_features, settings=settings, warnings=[*portrait.warnings, *speech.warnings], audio_features=windows,
         )  # fmt: skip
+
+    def compound_rows(self, emotions: list[EmotionSources]) -> CompoundRows | None:
+        """The batch rows of videos with these emotions when compounds mix the experts' predictions
+        (``compound_mixing == "guidance"``, :mod:`.compounds`); None when the rows are the videos."""
+        return compound_rows(emotions) if self.compound_mixing == "guidance" else None
 
     def first_motion(self, job: Job) -> jax.Array | None:
         """Clip 0's motion latents: the reference latent repeated, ``(1, M, h, w, C)`` (None if M = 0)."""
@@ -264,6 +277,8 @@ class Animator:
     def render_job(self, job: Job, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Every clip of a prepared ``job`` in order, motion frames handed from each clip to the next →
         ``(T, S, S, 3)`` uint8; ``progress(done, total)`` after each clip."""
+        if self.compound_rows([job.emotion]) is not None:  # a compound's components render as rows of one batch
+            return self.render_jobs([job], progress)[0]
         frames: list[np.ndarray] = []
 
         def one_clip(k, motion):
@@ -289,18 +304,25 @@ class Animator:
                     or jax.tree_util.tree_structure(job.emotion) != jax.tree_util.tree_structure(first.emotion) \
                     or (job.settings["steps"], job.settings["sampler"]) != (first.settings["steps"], first.settings["sampler"]):  # fmt: skip
                 raise ValueError("render_jobs batches jobs with the same clip count, sampler, guidance and emotion-input kinds")
-        emotion = jax.tree_util.tree_map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *[j.emotion for j in jobs])
-        ref = jnp.concatenate([j.ref_latents for j in jobs])
-        faces = jnp.concatenate([j.face_features for j in jobs])
-        keys = jnp.stack([j.key for j in jobs])
+        rows = self.compound_rows([j.emotion for j in jobs])
+        video = np.arange(len(jobs)) if rows is None else rows.video  # the job of each batch row
+        if rows is None:
+            emotion = jax.tree_util.tree_map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *[j.emotion for j in jobs])
+        else:
+            emotion = jax.tree_util.tree_map(jnp.asarray, rows.emotion)
+        mix = None if rows is None else jnp.asarray(rows.mix)
+        ref = jnp.concatenate([j.ref_latents for j in jobs])[video]
+        faces = jnp.concatenate([j.face_features for j in jobs])[video]
+        keys = jnp.stack([j.key for j in jobs])[video]  # a compound's rows share its noise
         motion0 = jnp.repeat(ref[:, None], self.motion_frames, axis=1) if self.motion_frames else None
         frames: list[np.ndarray] = []
 
         def one_clip(k, motion):
-            audio = jnp.asarray(np.concatenate([j.clip_audio(k) for j in jobs]))
+            audio = jnp.asarray(np.concatenate([j.clip_audio(k) for j in jobs])[video])
             latents, pixels = self._clip_step(self.params, emotion, audio, ref, faces, motion, keys, jnp.int32(k), first.plan_arrays,
-                                              scales=tuple(sorted(first.scales.items())))  # fmt: skip
-            frames.append(np.asarray(pixels))
+                                              scales=tuple(sorted(first.scales.items())), mix=mix)  # fmt: skip
+            pixels = np.asarray(pixels)
+            frames.append(pixels if rows is None else pixels[rows.output])
             return latents
 
         for k, _ in roll_clips(one_clip, motion0, first.plan):
@@ -358,9 +380,10 @@ class Animator:
         inputs = self.clip_inputs(params, emotion, audio, ref_latents, face_features, motion)
         return self.system.conditions(params, inputs, with_nulls=True)
 
-    def _clip_step_fn(self, params, emotion, audio, ref_latents, face_features, motion, keys, k, plan, scales: tuple):
+    def _clip_step_fn(self, params, emotion, audio, ref_latents, face_features, motion, keys, k, plan, scales: tuple, mix=None):
         """Clip ``k`` of ``B`` videos at once: conditions → guided sampling → decoding. ``keys (B,)``:
-        each video's own noise key, so a video's noise does not depend on what it is batched with.
+        each video's own noise key, so a video's noise does not depend on what it is batched with;
+        ``mix (B, B)``: rows whose predictions are mixed (compound emotions, :mod:`.compounds`).
         → latents ``(B, F, h, w, C)`` and frames ``(B, F, S, S, 3)`` uint8."""
         cond = self.clip_conditions(params, emotion, audio, ref_latents, face_features, motion)
         split = jax.vmap(lambda key: jax.random.split(jax.random.fold_in(key, k)))(keys)  # (B, 2) keys
@@ -370,5 +393,5 @@ class Animator:
         def denoise(c, x, t):
             return self.system.denoise(params, c, x, t).prediction
 
-        latents = sample_clip(denoise, cond, plan, dict(scales), x_T, split[0, 1])
+        latents = sample_clip(denoise, cond, plan, dict(scales), x_T, split[0, 1], mix=mix)
         return latents, to_uint8(self.system.decode(params, latents))

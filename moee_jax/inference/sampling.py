@@ -23,6 +23,7 @@ import numpy as np
 from moee_jax.diffusion import SAMPLERS, SamplerConfig, make_plan
 from moee_jax.diffusion.guidance import guided_model_fn
 from moee_jax.diffusion.samplers import DDIMPlan, DPMSolverPlan, run_sampler
+from moee_jax.inference.compounds import mixed_model_fn
 from moee_jax.inference.inputs import InputError
 from moee_jax.models.emotion_moe import EmotionCondition
 from moee_jax.models.system import Conditions
@@ -104,12 +105,17 @@ def sample_clip(
     scales: dict[str, float],
     x_T: jax.Array,
     rng: jax.Array | None = None,
+    mix: jax.Array | None = None,
 ) -> jax.Array:
     """Denoise ``x_T (B, F, h, w, C)`` into clip latents of the same shape under ``cond``.
 
     ``scales`` maps each present condition to its guidance scale. Python-number scales are known
     at trace time, so branches they give no weight are not run
     (:func:`~moee_jax.diffusion.guidance.branch_weights`); traced scales run every branch.
+    ``mix (B, B)``: every step, each row's guided prediction is replaced by ``mix @ predictions``
+    (the rows of a compound emotion share their palette-weighted prediction,
+    :mod:`moee_jax.inference.compounds`); rows mixed together must start from the same ``x_T`` and
+    then stay equal (deterministic samplers, η = 0).
     """
     names = present(cond)
     missing = [name for name in names if name not in scales]
@@ -124,4 +130,5 @@ def sample_clip(
     def batched(x, t, keep):
         return denoise(branch_conditions(cond, names, keep), x, t)
 
-    return run_sampler(plan, guided_model_fn(batched, scale_vector), x_T, rng)
+    guided = guided_model_fn(batched, scale_vector)
+    return run_sampler(plan, guided if mix is None else mixed_model_fn(guided, mix), x_T, rng)
