@@ -300,7 +300,10 @@ def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray],
             compounds.append(M.compound_components(pred["aus"], item.target, probs=pred["probs"]))
         sync.append(M.lip_sync(pred["mouth"], np.asarray(item.speech["audio"], np.float32), fps))
         identity.append(M.identity_error(pred["identity"], item.identity))
-    false_positives = [j for it in items if it.kind == "compound" for j in component_alone_judgements(basic_aus.get(it.speaker, {}), it.target)]
+    false_positives = []  # the basic clips of each compound's components, judged as that compound
+    for it in items:
+        if it.kind == "compound":
+            false_positives += component_alone_judgements(basic_aus.get(it.speaker, {}), it.target)
     summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus, compounds=compounds,
                           compound_false_positives=false_positives, lip_sync=sync, identity=identity)  # fmt: skip
     if label_effect:
