@@ -64,7 +64,7 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         # (neutral 0.8, another emotion 0.2, never the target's own clip) and its motion frames are
         # mostly the repeated reference, so the label is what must carry the expression. Against
         # 0.6 / 0.2 / 0.5 and 400 steps: held-out accuracy 0.571 → 0.643, the shuffled-label loss
-        # gap 0.001–0.003 → 0.001–0.013 (benchmarks/RESULTS.md, "A longer stage 2").
+        # gap 0.001–0.003 → 0.0003–0.013 (benchmarks/RESULTS.md, "A longer stage 2").
         s2 = stage == "stage2"
         s.data.update(dict(
             reference_neutral_p=0.8 if s2 else 0.6, reference_other_p=0.2, motion_as_reference_p=0.8 if s2 else 0.5,

@@ -92,7 +92,7 @@ def compound_rows(emotions: Sequence[EmotionSources]) -> CompoundRows | None:
             rows.append(dataclasses.replace(sources, palette=one, label=label))
             video.append(b)
             share.append(weight / strongest)
-        rows.append(_dropped(sources))
+        rows.append(sources.dropped())
         video.append(b)
         share.append(1.0 - sum(w / strongest for _, w in parts))
     if len(rows) == len(emotions):
@@ -100,18 +100,8 @@ def compound_rows(emotions: Sequence[EmotionSources]) -> CompoundRows | None:
     video_of = np.asarray(video, np.int32)
     mix = np.where(video_of[:, None] == video_of[None, :], np.asarray(share, np.float32)[None, :], 0.0).astype(np.float32)
     output = np.asarray([video.index(b) for b in range(len(emotions))], np.int32)
-    stacked = EmotionSources(
-        **{f.name: None if getattr(rows[0], f.name) is None else np.concatenate([np.asarray(getattr(r, f.name)) for r in rows])
-           for f in dataclasses.fields(EmotionSources)}
-    )  # fmt: skip
+    stacked = jax.tree_util.tree_map(lambda *xs: np.concatenate([np.asarray(x) for x in xs]), *rows)
     return CompoundRows(stacked, video_of, output, mix)
-
-
-def _dropped(sources: EmotionSources) -> EmotionSources:
-    """The unconditional emotion of one video, as numpy (:meth:`EmotionSources.dropped`)."""
-    return dataclasses.replace(
-        sources, drop=np.ones_like(np.asarray(sources.drop)), palette_keep=np.zeros_like(np.asarray(sources.palette_keep))
-    )
 
 
 def mixed_model_fn(model_fn, mix: jax.Array):
