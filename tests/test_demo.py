@@ -108,6 +108,9 @@ def test_demo_runs_end_to_end_from_scratch_and_a_rerun_reuses_everything(tmp_pat
     assert (out / "videos" / f"{speaker}_happiness.mp4").exists() and (out / "videos" / f"{speaker}_sadly_fearful.mp4").exists()
     assert summary["headline"] == metrics["headline"]
     logged = (out / "run" / "stage1" / "metrics.jsonl").read_text()
+    scored = (out / "ablate" / "no_moe" / "metrics.json").read_text()
     again = run_demo(c, out, from_scratch=True)
     assert (out / "run" / "stage1" / "metrics.jsonl").read_text() == logged  # finished stages are not retrained
     assert again["timings_s"]["stage1_s"] < summary["timings_s"]["stage1_s"]
+    assert (out / "ablate" / "no_moe" / "metrics.json").read_text() == scored  # nor are scored ablation variants
+    assert again["ablation"] == summary["ablation"]

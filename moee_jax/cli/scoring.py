@@ -11,17 +11,29 @@ from moee_jax.cli.common import log_file
 
 
 def _eval_settings_flags():
+    """The sampling and reader flags of eval / ablate / ladder. Unset, they are the CPU demo's
+    (``configs/demo.py``'s ``animate`` and ``reader`` blocks), so ``moee eval`` on the demo's run
+    reproduces the demo's numbers."""
     return {
-        "steps": flags.DEFINE_integer("steps", 8, "Sampler steps per clip."),
-        "sampler": flags.DEFINE_string("sampler", "ddim", "Sampler (ddim | dpmpp_2m)."),
+        "steps": flags.DEFINE_integer("steps", None, "Sampler steps per clip (default: the demo's)."),
+        "sampler": flags.DEFINE_string("sampler", None, "Sampler, ddim | dpmpp_2m (default: the demo's)."),
+        "cfg_reference": flags.DEFINE_float("cfg_reference", None, "Guidance scale of the reference image (default: the demo's)."),
+        "cfg_audio": flags.DEFINE_float("cfg_audio", None, "Guidance scale of the speech (default: the demo's)."),
+        "cfg_emotion": flags.DEFINE_float("cfg_emotion", None, "Guidance scale of the emotion (default: the demo's)."),
         "seed": flags.DEFINE_integer("seed", 0, "Sampling seed."),
         "reader": flags.DEFINE_string(
             "reader",
             None,
             "Expression-reader file (moee_jax.eval.reader); trained and saved there if absent (default: RUN/reader.msgpack).",
         ),  # fmt: skip
-        "reader_steps": flags.DEFINE_integer("reader_steps", 3000, "Training steps of a new reader."),
+        "reader_steps": flags.DEFINE_integer("reader_steps", None, "Training steps of a new reader (default: the demo's)."),
     }
+
+
+def _demo_defaults():
+    from moee_jax.configs import demo
+
+    return demo.get_config("cpu")
 
 
 def _check_eval_flags(f, command: str, **extra) -> None:
@@ -31,10 +43,16 @@ def _check_eval_flags(f, command: str, **extra) -> None:
     from moee_jax.diffusion import SAMPLERS
 
     try:
-        checks.number(f["steps"].value, "--steps", minimum=1, integer=True)
-        checks.one_of(f["sampler"].value, "--sampler", SAMPLERS)
+        if f["steps"].value is not None:
+            checks.number(f["steps"].value, "--steps", minimum=1, integer=True)
+        if f["sampler"].value is not None:
+            checks.one_of(f["sampler"].value, "--sampler", SAMPLERS)
+        for name in ("cfg_reference", "cfg_audio", "cfg_emotion"):
+            if f[name].value is not None:
+                checks.number(f[name].value, f"--{name}", minimum=0.0)
         checks.number(f["seed"].value, "--seed", minimum=0, integer=True)
-        checks.number(f["reader_steps"].value, "--reader_steps", minimum=1, integer=True)
+        if f["reader_steps"].value is not None:
+            checks.number(f["reader_steps"].value, "--reader_steps", minimum=1, integer=True)
         if f["reader"].value is not None and pathlib.Path(f["reader"].value).exists():
             checks.input_file(f["reader"].value, "--reader")
         for flag, (value, rule) in extra.items():
@@ -47,9 +65,14 @@ def _check_eval_flags(f, command: str, **extra) -> None:
 
 
 def _settings(f):
+    import dataclasses
+
     from moee_jax.eval.evaluate import EvalSettings
 
-    return EvalSettings(steps=f["steps"].value, sampler=f["sampler"].value, seed=f["seed"].value)
+    settings = EvalSettings.from_config(_demo_defaults().animate, seed=f["seed"].value)
+    guidance = {k: v if f[f"cfg_{k}"].value is None else f[f"cfg_{k}"].value for k, v in settings.guidance.items()}
+    return dataclasses.replace(settings, steps=f["steps"].value or settings.steps, sampler=f["sampler"].value or settings.sampler,
+                               guidance=guidance)  # fmt: skip
 
 
 def _run_message(error: BaseException) -> str:
@@ -80,7 +103,9 @@ def _reader(f, run_dir: str, data_dir: str | None = None, dataset: str | None = 
     if path is None:  # the run's own reader, else the demo's (OUT/reader.msgpack next to OUT/run), else a new one
         own, demo = pathlib.Path(run_dir) / "reader.msgpack", pathlib.Path(run_dir).parent / "reader.msgpack"
         path = demo if demo.is_file() and not own.is_file() else own
-    return cached_reader(path, size, f["reader_steps"].value, render_size=dataset_frame_size(data_dir, dataset))
+    r = _demo_defaults().reader
+    steps = f["reader_steps"].value or int(r.steps)
+    return cached_reader(path, size, steps, render_size=dataset_frame_size(data_dir, dataset), blend_fraction=float(r.blend_fraction))
 
 
 def evaluate() -> None:

@@ -22,6 +22,7 @@ compound weights reach the label MLP only (:mod:`moee_jax.inference.animator`).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import pathlib
 import time
@@ -29,6 +30,7 @@ from collections.abc import Sequence
 
 from ml_collections import ConfigDict
 
+from moee_jax.atomic import atomic_write_text
 from moee_jax.eval.evaluate import EvalSettings, evaluate_run
 
 ABLATIONS: dict[str, tuple[str, dict]] = {
@@ -46,6 +48,7 @@ COLUMNS = (
     (("headline", "emotion_accuracy"), "Emo-Acc ↑", "high"),
     (("headline", "au_mae"), "AU-MAE ↓", "low"),
     (("headline", "compound_both_present_rate"), "Compound both ↑", "high"),
+    (("headline", "compound_false_positive_rate"), "Compound false alarms ↓", "low"),
     (("headline", "lip_sync_pearson"), "Sync r ↑", "high"),
     (("headline", "identity_mae"), "ID-MAE ↓", "low"),
 )
@@ -103,9 +106,13 @@ def run_ablations(
             variant_run = out / variant
             Trainer(c, variant_run).run()
         train_s = time.perf_counter() - t0
-        summary = evaluate_run(variant_run, reader, settings=settings)
-        summary["train_seconds"] = round(train_s, 1)
-        summary["run_dir"] = str(variant_run)
+        scored = out / variant / "metrics.json"  # a variant scored with these settings is not scored again
+        summary = json.loads(scored.read_text()) if scored.is_file() else None
+        if summary is None or summary.get("settings") != json.loads(json.dumps(dataclasses.asdict(settings))):
+            summary = evaluate_run(variant_run, reader, settings=settings)
+            summary["train_seconds"] = round(train_s, 1)
+            summary["run_dir"] = str(variant_run)
+            atomic_write_text(scored, json.dumps(summary, indent=2, default=float))
         results[variant] = summary
     table = ablation_markdown(results)
     (out / "ablation.json").write_text(json.dumps(results, indent=2, default=float))

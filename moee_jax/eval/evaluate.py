@@ -37,11 +37,11 @@ from moee_jax.eval import metrics as M
 
 @dataclasses.dataclass(frozen=True)
 class EvalSettings:
-    """How the held-out clips are generated."""
+    """How the held-out clips are generated. The defaults are the CPU demo's (``configs/demo.py``)."""
 
-    steps: int = 8
+    steps: int = 10
     sampler: str = "ddim"
-    guidance: dict = dataclasses.field(default_factory=lambda: {"reference": 1.5, "audio": 2.0, "emotion": 3.0})
+    guidance: dict = dataclasses.field(default_factory=lambda: {"reference": 1.0, "audio": 1.0, "emotion": 3.0})
     compounds: dict = dataclasses.field(
         default_factory=lambda: {"happily_surprised": "happy:0.5,surprised:0.5", "sadly_fearful": "sad:0.5,fearful:0.5"}
     )
