@@ -185,7 +185,10 @@ BAD_INPUTS = {
     "malformed_compound_emotion": _malformed_compound,
     "corrupt_audio": _corrupt_audio,
     "empty_audio": _empty_audio,
-    "audio_shorter_than_a_frame": lambda tmp: ({"audio": _write_wav(tmp / "1ms.wav", np.full(16, 0.1))}, ["1ms.wav", "shorter than one video frame"]),
+    "audio_shorter_than_a_frame": lambda tmp: (
+        {"audio": _write_wav(tmp / "1ms.wav", np.full(16, 0.1))},
+        ["1ms.wav", "shorter than one video frame"],
+    ),
     "nan_guidance_scale": lambda tmp: ({"guidance": {"audio": float("nan")}}, ["--cfg_audio", "finite"]),
 }
 
@@ -449,9 +452,10 @@ def test_dropped_audio_branch_is_what_training_saw_when_audio_was_dropped(animat
     unconditional audio branch of guidance must use the same tokens, not zeros."""
     job = animator.prepare(media["dir"] / "face.png", media["dir"] / "short.wav", parse_emotion("happy"), steps=STEPS, detect=False)
     mel = jnp.asarray(job.mel[:1])
-    cond = animator.clip_conditions(animator.params, job.emotion, mel, job.ref_latents, job.face_features, animator.first_motion(job))
+    motion = jnp.repeat(job.ref_latents[:, None], animator.motion_frames, axis=1)  # clip 0's: the reference repeated
+    cond = animator.clip_conditions(animator.params, job.emotion, mel, job.ref_latents, job.face_features, motion)
     windows = animator.system.audio_windows(mel)
-    sources = animator.clip_emotion(job.emotion, mel)
+    sources = animator.system.clip_emotion(job.emotion, mel)
     trained_null = animator.system.conditioning.apply(
         {"params": animator.params["conditioning"]}, windows * 0.0, sources, train=False
     ).audio

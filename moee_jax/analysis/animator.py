@@ -76,7 +76,7 @@ class AnalysisAnimator(Animator):
         return self._gates(self.params, sample, emotion, noise, jnp.int32(timestep))
 
     def _tokens_fn(self, params, emotion, mel):
-        sources = self.clip_emotion(emotion, mel)
+        sources = self.system.clip_emotion(emotion, mel)
         return self.system.conditioning.apply({"params": params["conditioning"]}, None, sources, train=False).emotion.tokens[0]
 
     def _gate_pass_fn(self, params, sample, emotion, noise, timestep):
@@ -85,7 +85,7 @@ class AnalysisAnimator(Animator):
         ref = system.encode_images(params, sample["reference"])  # (1, h, w, C)
         motion = system.encode_images(params, sample["motion_frames"]) if self.motion_frames else None
         face = system.face_features(params, sample["face_mask"])
-        cond = system.conditions(params, self.clip_inputs(params, emotion, sample["mel"], ref, face, motion))
+        cond = system.conditions(params, system.clip_inputs(params, emotion, sample["mel"], ref, face, motion))
         t = jnp.full((1,), timestep, jnp.int32)
         out = system.denoise(params, cond, q_sample(self.schedule, lat, noise, t), t, capture=True)
         frames, m = lat.shape[1], self.motion_frames

@@ -26,7 +26,6 @@ the model's learned null tokens (all modalities dropped) with the learned gate (
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import time
 from collections.abc import Callable
@@ -37,7 +36,6 @@ import numpy as np
 from ml_collections import ConfigDict
 
 from moee_jax.checkpoint.run import RunCheckpoint, load_run_config, resolve_checkpoint, restore_final
-from moee_jax.data.audio import SAMPLE_RATE
 from moee_jax.data.feature_cache import MANIFEST, read_run_manifest
 from moee_jax.diffusion import make_schedule
 from moee_jax.inference import inputs as inputs_lib
@@ -53,7 +51,7 @@ from moee_jax.inference.sampling import sample_clip, sampling_settings
 from moee_jax.models.conditioning import EmotionSources
 from moee_jax.models.features import to_uint8
 from moee_jax.models.space_to_depth import SpaceToDepthAutoencoder
-from moee_jax.models.system import Conditions, ModelInputs, MoEESystem
+from moee_jax.models.system import Conditions, MoEESystem
 
 REQUIRED_PARTS = ("vae", "face_locator", "context", "reference_net", "unet", "conditioning")
 TEXT_LENGTH = 32  # the training pipeline's default data.text_length
@@ -150,7 +148,7 @@ class Animator:
 
     def emotion_sources(self, spec: EmotionSpec, *, detect: bool = True) -> EmotionSources:
         """The video's emotion sources, batch 1 (:meth:`.EmotionInputs.sources`); per-clip speech is
-        added per clip by :meth:`clip_emotion`."""
+        added per clip by :meth:`.MoEESystem.clip_emotion`."""
         return self.emotion_inputs.sources(spec, detect=detect)
 
     # ---- one video -------------------------------------------------------------------------------------------------
@@ -172,17 +170,8 @@ class Animator:
         Raises :class:`InputError` for any unusable input. Arguments as :meth:`animate` describes."""
         self.check_emotion(emotion)
         sampling = sampling_settings(self.config, self.schedule, steps=steps, sampler=sampler, guidance=guidance)
-        speech = audio if isinstance(audio, Speech) else inputs_lib.load_speech(audio)
-        if speech.wave.size < SAMPLE_RATE / self.fps:
-            raise InputError(
-                f"--audio {speech.path}: {1000 * speech.wave.size / SAMPLE_RATE:.1f} ms of audio is shorter than one video frame "
-                f"({1000 / self.fps:.0f} ms at {self.fps:g} fps); give the speech to animate"
-            )
-        if isinstance(image, np.ndarray):
-            picture, image_name = np.asarray(image, np.uint8), "image"
-        else:
-            picture, image_name = inputs_lib.load_image(image), str(image)
-        portrait = inputs_lib.prepare_portrait(picture, self.size, detect=detect, name=f"--image {image_name}")
+        speech = inputs_lib.video_speech(audio, self.fps)
+        portrait, image_name = inputs_lib.video_portrait(image, self.size, detect=detect)
         plan = plan_clips(speech.wave.size, self.fps, self.clip_frames, self.motion_frames, self.context_frames)
         sources = self.emotion_sources(emotion, detect=detect)
         mel = windows = None  # the clips' audio inputs, before anything is compiled (encoder checks fail fast)
@@ -235,10 +224,8 @@ class Animator:
         """Sample and decode clip ``k`` of ``job`` after ``motion (1, M, h, w, C)`` → latents
         ``(1, F, h, w, C)`` (on device) and frames ``(F, S, S, 3)`` uint8. Clip ``k``'s noise is
         ``fold_in(key(seed), k)``, so a clip can be re-rendered with other motion frames."""
-        latents, pixels = self._clip_step(
-            self.params, job.emotion, jnp.asarray(job.clip_audio(k)), job.ref_latents, job.face_features, motion,
-            job.key[None], jnp.int32(k), job.plan_arrays, scales=tuple(sorted(job.scales.items())),
-        )  # fmt: skip
+        latents, pixels = self._clip_step(self.params, job.emotion, jnp.asarray(job.clip_audio(k)), job.ref_latents, job.face_features,
+                                          motion, job.key[None], jnp.int32(k), job.plan_arrays, scales=tuple(sorted(job.scales.items())))  # fmt: skip
         return latents, np.asarray(pixels[0])
 
     def compiled_programs(self) -> int:
@@ -275,21 +262,11 @@ class Animator:
         return Animation(video, job.speech.wave, self.fps, job.portrait, job.plan, settings, job.warnings)
 
     def render_job(self, job: Job, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
-        """Every clip of a prepared ``job`` in order, motion frames handed from each clip to the next →
-        ``(T, S, S, 3)`` uint8; ``progress(done, total)`` after each clip."""
-        if self.compound_rows([job.emotion]) is not None:  # a compound's components render as rows of one batch
-            return self.render_jobs([job], progress)[0]
-        frames: list[np.ndarray] = []
-
-        def one_clip(k, motion):
-            latents, pixels = self.render_clip(job, k, motion)
-            frames.append(pixels)
-            return latents
-
-        for k, _ in roll_clips(one_clip, self.first_motion(job), job.plan):
-            if progress is not None:
-                progress(k + 1, job.plan.num_clips)
-        return np.concatenate(frames)[: job.plan.num_frames]
+        """Every clip of a prepared ``job`` in order, motion frames handed from each clip to the next
+        (clip 0's are the reference latent repeated; clip ``k``'s noise is ``fold_in(key(seed), k)``)
+        → ``(T, S, S, 3)`` uint8; ``progress(done, total)`` after each clip. A batch of one of
+        :meth:`render_jobs`."""
+        return self.render_jobs([job], progress)[0]
 
     def render_jobs(self, jobs: list[Job], progress: Callable[[int, int], None] | None = None) -> list[np.ndarray]:
         """Several prepared jobs rendered together, one batched sampler call per clip: each video is
@@ -306,7 +283,9 @@ class Animator:
                 raise ValueError("render_jobs batches jobs with the same clip count, sampler, guidance and emotion-input kinds")
         rows = self.compound_rows([j.emotion for j in jobs])
         video = np.arange(len(jobs)) if rows is None else rows.video  # the job of each batch row
-        if rows is None:
+        if rows is None and len(jobs) == 1:  # as it is (an analysis pair may hold unbatched leaves)
+            emotion = first.emotion
+        elif rows is None:
             emotion = jax.tree_util.tree_map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *[j.emotion for j in jobs])
         else:
             emotion = jax.tree_util.tree_map(jnp.asarray, rows.emotion)
@@ -352,32 +331,10 @@ class Animator:
         and face-locator features ``(1, F, h, w, C0)``."""
         return self.system.encode_images(params, crop), self.system.face_features(params, face_mask)
 
-    def clip_emotion(self, emotion: EmotionSources, audio: jax.Array) -> EmotionSources:
-        """The videos' emotion sources on one clip: the clip's speech (per-frame log-mel of ``audio
-        (B, F + 2c, n)``, or the last layer of encoder windows ``(B, F, 2c+1, layers+1, D)``) filled in
-        where the model takes speech, then checked."""
-        per_frame = self.system.speech_features(audio)
-        if self.uses_embedder:
-            if emotion.expression_frames is None:
-                emotion = dataclasses.replace(emotion, embedder_audio=per_frame)
-        elif "speech" in self.emotion.sources:
-            emotion = dataclasses.replace(emotion, speech=per_frame)
-        return EmotionSources.make(self.emotion, **{f.name: getattr(emotion, f.name) for f in dataclasses.fields(emotion)})
-
-    def clip_inputs(self, params, emotion: EmotionSources, audio, ref_latents, face_features, motion) -> ModelInputs:
-        """The :class:`ModelInputs` of one clip of ``B`` videos (traceable): its audio windows from
-        ``audio`` (log-mel ``(B, F + 2c, n)`` or encoder windows, :meth:`Job.clip_audio`) and
-        :meth:`clip_emotion`."""
-        b = ref_latents.shape[0]
-        return ModelInputs(
-            ref_latents=ref_latents, context=self.system.context_tokens(params, b), reference_keep=jnp.ones((b,), bool),
-            emotion=self.clip_emotion(emotion, audio), audio_windows=self.system.audio_windows(audio), motion_latents=motion,
-            face_features=face_features,
-        )  # fmt: skip
-
     def clip_conditions(self, params, emotion: EmotionSources, audio, ref_latents, face_features, motion) -> Conditions:
-        """Everything the clip of ``audio`` is conditioned on, guidance's dropped alternatives included."""
-        inputs = self.clip_inputs(params, emotion, audio, ref_latents, face_features, motion)
+        """Everything the clip of ``audio`` is conditioned on (:meth:`.MoEESystem.clip_inputs`),
+        guidance's dropped alternatives included."""
+        inputs = self.system.clip_inputs(params, emotion, audio, ref_latents, face_features, motion)
         return self.system.conditions(params, inputs, with_nulls=True)
 
     def _clip_step_fn(self, params, emotion, audio, ref_latents, face_features, motion, keys, k, plan, scales: tuple, mix=None):

@@ -7,8 +7,10 @@ Shapes at the boundaries::
 
     load_image(path)                      image (H, W, 3) uint8 RGB
     prepare_portrait(image, S)            Portrait: crop (S, S, 3) uint8 + its box in the image
+    video_portrait(path | image, S)       (Portrait, the name it is reported by)
     face_region_mask(S, r)                (S/r, S/r) float32 face mask at latent resolution
     load_speech(path)                     Speech: wave (A,) float32 mono 16 kHz (+ warnings)
+    video_speech(path | Speech, fps)      Speech at least one video frame long
     parse_emotion(...)                    EmotionSpec (label weights (6,), palette override (6,) | None, ...)
     resolve_checkpoint(path)              RunCheckpoint: RUN/stage2/final + RUN/stage2/config.json
     paste_back(image, frames, box)        frames (T, H, W, 3) uint8: the animated crop in the photo
@@ -184,6 +186,16 @@ def prepare_portrait(
     return Portrait(crop, tuple(float(v) for v in box), image, detect, tuple(warnings))
 
 
+def video_portrait(image: str | pathlib.Path | np.ndarray, size: int, *, detect: bool = True) -> tuple[Portrait, str]:
+    """The portrait to animate from a path or an ``(H, W, 3)`` uint8 array (:func:`prepare_portrait`)
+    → ``(Portrait, the name messages and settings give it)``."""
+    if isinstance(image, np.ndarray):
+        picture, name = np.asarray(image, np.uint8), "image"
+    else:
+        picture, name = load_image(image), str(image)
+    return prepare_portrait(picture, size, detect=detect, name=f"--image {name}"), name
+
+
 def face_region_mask(size: int, downsample: int) -> np.ndarray:
     """The face locator's input mask ``(size/downsample, size/downsample)`` float32 for a crop framed
     like the training crops: the face-oval ellipse, area-pooled to latent cells."""
@@ -290,6 +302,18 @@ def load_speech(path: str | pathlib.Path, *, flag: str = "--audio") -> Speech:
     if is_silent(wave):
         warnings.append(f"{flag} {path}: the audio is silent (peak {peak_dbfs(wave):.1f} dBFS); the video will show a closed mouth")
     return Speech(wave, path, tuple(warnings))
+
+
+def video_speech(audio: str | pathlib.Path | Speech, fps: float, *, flag: str = "--audio") -> Speech:
+    """The driving speech from a path (:func:`load_speech`) or already loaded; refused when it is
+    shorter than one video frame at ``fps``."""
+    speech = audio if isinstance(audio, Speech) else load_speech(audio, flag=flag)
+    if speech.wave.size < SAMPLE_RATE / fps:
+        raise InputError(
+            f"{flag} {speech.path}: {1000 * speech.wave.size / SAMPLE_RATE:.1f} ms of audio is shorter than one video frame "
+            f"({1000 / fps:.0f} ms at {fps:g} fps); give the speech to animate"
+        )
+    return speech
 
 
 # ---- the emotion ---------------------------------------------------------------------------------------------

@@ -236,6 +236,33 @@ class MoEESystem:
             speech=speech, speech_mask=batch.get("speech_mask"),
         )  # fmt: skip
 
+    # ---- one clip at inference ------------------------------------------------------------------------
+
+    def clip_emotion(self, emotion: EmotionSources, audio: jax.Array) -> EmotionSources:
+        """Videos' emotion sources on one clip: the clip's speech (:meth:`speech_features` of ``audio``,
+        log-mel ``(B, F + 2c, n)`` or encoder windows) filled in where the model takes speech, as
+        :meth:`batch_emotion` takes it from a training clip, then checked."""
+        per_frame = self.speech_features(audio)
+        if self.emotion.uses_embedder:
+            if emotion.expression_frames is None:
+                emotion = dataclasses.replace(emotion, embedder_audio=per_frame)
+        elif "speech" in self.emotion.sources:
+            emotion = dataclasses.replace(emotion, speech=per_frame)
+        return EmotionSources.make(self.emotion, **{f.name: getattr(emotion, f.name) for f in dataclasses.fields(emotion)})
+
+    def clip_inputs(self, params: dict, emotion: EmotionSources, audio: jax.Array, ref_latents: jax.Array,
+                    face_features: jax.Array, motion: jax.Array | None) -> ModelInputs:  # fmt: skip
+        """The :class:`ModelInputs` of one clip of ``B`` videos at inference (:meth:`encode` with
+        ``drop=False``, from already encoded parts): ``audio`` the clip's log-mel ``(B, F + 2c, n)``
+        or encoder windows, ``ref_latents (B, h, w, C)``, ``face_features (B, F, h, w, C0)``,
+        ``motion (B, M, h, w, C)`` latents or None."""
+        b = ref_latents.shape[0]
+        return ModelInputs(
+            ref_latents=ref_latents, context=self.context_tokens(params, b), reference_keep=jnp.ones((b,), bool),
+            emotion=self.clip_emotion(emotion, audio), audio_windows=self.audio_windows(audio), motion_latents=motion,
+            face_features=face_features,
+        )  # fmt: skip
+
     # ---- conditioning and denoising -------------------------------------------------------------------
 
     def _conditioning(self, params: dict, audio_windows, sources: EmotionSources, *, train: bool, rng=None) -> ConditioningOutput:

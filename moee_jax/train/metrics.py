@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import logging
 import math
 import os
 import pathlib
@@ -44,6 +45,7 @@ from collections.abc import Iterator, Mapping
 import jax
 import numpy as np
 
+from moee_jax import console
 from moee_jax.atomic import atomic_write_text
 
 # --- TensorBoard event files ---------------------------------------------------------------------
@@ -433,3 +435,32 @@ def _step_of(line: str) -> int:
     except (ValueError, KeyError, TypeError):  # a line cut short by a kill
         return 1 << 62
 
+
+class StepLog:
+    """Where a logged step's numbers go: TensorBoard events (:class:`MetricsWriter`), one JSON line
+    in ``metrics.jsonl`` (:func:`open_jsonl`, resumed at ``start``) and the progress line — on the
+    terminal every ``print_every`` steps and at the last, in the log file (``logging``) always.
+    ``enabled=False`` (processes other than 0) writes nothing."""
+
+    def __init__(self, tensorboard: str | os.PathLike, jsonl: pathlib.Path, *, start: int, total: int, print_every: int,
+                 enabled: bool = True):  # fmt: skip
+        self.writer = MetricsWriter(str(tensorboard), enabled=enabled, purge_step=start if start else None)
+        self.jsonl = open_jsonl(jsonl, start) if enabled else None
+        self.progress, self.print_every, self.enabled = ProgressLine(total), max(int(print_every), 1), enabled
+
+    def __call__(self, step: int, values: Mapping[str, float], *, last: bool = False) -> None:
+        self.writer.scalars(step, values)
+        if not self.enabled:
+            return
+        self.jsonl.write(json.dumps({"step": step, **values}) + "\n")
+        self.jsonl.flush()
+        text = self.progress.format(step, values)
+        if last or step % self.print_every == 0:
+            console.line(text)
+        else:
+            logging.getLogger("moee_jax.train").info(text)  # the run's log file (console.log_to) keeps every line
+
+    def close(self) -> None:
+        self.writer.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -33,7 +33,6 @@ import numpy as np
 from jax.experimental import multihost_utils
 from ml_collections import ConfigDict
 
-from moee_jax import console
 from moee_jax.checkpoint import run as run_lib
 from moee_jax.configs import training as training_configs
 from moee_jax.data import feature_cache
@@ -281,13 +280,10 @@ class Trainer:
         self.state = state
         start = int(state.step)
         stop_at = total if max_steps is None else min(total, start + max_steps)
-        writer = metrics_lib.MetricsWriter(str(self.layout.tensorboard(cfg.stage)), enabled=jax.process_index() == 0,
-                                           purge_step=start if start else None)  # fmt: skip
-        progress = metrics_lib.ProgressLine(total)
-        jsonl = metrics_lib.open_jsonl(self.layout.metrics(cfg.stage), start) if jax.process_index() == 0 else None
-        losses: dict[int, float] = {}
         log_every, patience, examples = int(t.log_every), int(t.nan_patience), int(t.batch_size)
-        print_every = int(t.get("print_every", 0)) or log_every
+        step_log = metrics_lib.StepLog(self.layout.tensorboard(cfg.stage), self.layout.metrics(cfg.stage), start=start, total=total,
+                                       print_every=int(t.get("print_every", 0)) or log_every, enabled=jax.process_index() == 0)  # fmt: skip
+        losses: dict[int, float] = {}
         peak = metrics_lib.peak_flops_per_device(jax.devices()[0], cfg.dtype)
         failing = False
         with stop_signals.catch() as stop:  # SIGTERM / Ctrl-C: save at the end of the step and stop
@@ -315,16 +311,7 @@ class Trainer:
                         if mfu is not None:
                             values["mfu"] = mfu
                         losses[step] = values["loss"]
-                        writer.scalars(step, values)
-                        if jsonl is not None:
-                            jsonl.write(json.dumps({"step": step, **values}) + "\n")
-                            jsonl.flush()
-                        if jax.process_index() == 0:
-                            text = progress.format(step, values)
-                            if step % print_every == 0 or step == stop_at:
-                                console.line(text)
-                            else:
-                                log.info(text)  # the run's log file (console.log_to) keeps every line
+                        step_log(step, values, last=step == stop_at)
                         bad = int(state.bad_steps)
                         if bad >= patience:
                             manager.wait_until_finished()
@@ -360,9 +347,7 @@ class Trainer:
                         raise TrainingError(run_lib.disk_full_message(self.layout, cfg.stage)) from None
                     if not failing:
                         raise
-                writer.close()
-                if jsonl is not None:
-                    jsonl.close()
+                step_log.close()
 
 
 def train(config: ConfigDict, run_dir: str | pathlib.Path, *, max_steps: int | None = None) -> TrainResult:
