@@ -153,3 +153,24 @@ def test_stage2_of_another_moe_variant_keeps_stage1s_weights_and_initialises_its
     assert frozen and all(np.array_equal(v, stage1[k]) for k, v in frozen.items())  # every frozen U-Net weight from stage 1
     trainable = traverse_util.flatten_dict(jax.device_get(state.trainable["unet"]))
     assert trainable and all("emotion" in "/".join(k) for k in trainable)
+
+
+def test_a_shipped_run_is_scored_on_the_held_out_split_the_demo_built_for_it(tmp_path):
+    """`moee demo` with a shipped checkpoint builds only `<name>_heldout` (the same test split):
+    `moee eval` on that checkpoint finds it from the run's config."""
+    config = tmp_path / "run" / "stage2" / "config.json"
+    config.parent.mkdir(parents=True)
+    config.write_text(json.dumps({"data": {"data_dir": str(tmp_path / "data"), "name": "synthetic_talking_faces/demo_cpu"}}))
+    (tmp_path / "data" / "synthetic_talking_faces" / "demo_cpu_heldout").mkdir(parents=True)
+    assert E.run_dataset(tmp_path / "run") == (str(tmp_path / "data"), "synthetic_talking_faces/demo_cpu_heldout")
+    (tmp_path / "data" / "synthetic_talking_faces" / "demo_cpu").mkdir()  # the full dataset wins where it exists
+    assert E.run_dataset(tmp_path / "run") == (str(tmp_path / "data"), "synthetic_talking_faces/demo_cpu")
+
+
+def test_scoring_defaults_are_the_cpu_demos_so_moee_eval_reproduces_its_numbers():
+    from moee_jax.configs import demo
+
+    ours, the_demos = E.EvalSettings(), E.EvalSettings.from_config(demo.get_config("cpu").animate)
+    assert (ours.steps, ours.sampler, ours.guidance, ours.compounds) == (
+        the_demos.steps, the_demos.sampler, the_demos.guidance, the_demos.compounds,
+    )  # fmt: skip

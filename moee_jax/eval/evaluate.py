@@ -73,14 +73,19 @@ def held_out_clips(data_dir: str | pathlib.Path, name: str) -> dict[str, dict[st
 
 
 def run_dataset(run_dir: str | pathlib.Path) -> tuple[str, str]:
-    """``(data_dir, name)`` the run's stage 2 was trained on (``RUN/stage2/config.json``)."""
+    """``(data_dir, name)`` the run's stage 2 was trained on (``RUN/stage2/config.json``), or its
+    held-out split alone (``<name>_heldout``, what ``moee demo`` builds to score a shipped
+    checkpoint: the same ``test`` identities and seeds) where only that one was built."""
     path = pathlib.Path(run_dir) / "stage2" / "config.json"
     if not path.exists():
         raise FileNotFoundError(f"{path}: not found; pass --data_dir and --dataset, or a run directory with a finished stage2")
     data = json.loads(path.read_text()).get("data", {})
     if not data.get("data_dir") or not data.get("name"):
         raise ValueError(f"{path}: data.data_dir / data.name are not set; pass --data_dir and --dataset")
-    return data["data_dir"], data["name"]
+    data_dir, name = data["data_dir"], data["name"]
+    if not (pathlib.Path(data_dir) / name).exists() and (pathlib.Path(data_dir) / f"{name}_heldout").exists():
+        name = f"{name}_heldout"
+    return data_dir, name
 
 
 def cached_reader(path: str | pathlib.Path, size: int, steps: int, *, render_size: int | None = None, blend_fraction: float = 0.4):
