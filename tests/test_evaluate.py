@@ -87,6 +87,8 @@ def test_each_ablation_changes_only_its_piece_and_starts_from_the_runs_stage1(sy
         assert changed <= expected, (v, changed)
     with pytest.raises(ValueError, match="unknown ablation"):
         A.variant_config(base, run_dir, "no_reference")
+    with pytest.raises(ValueError, match="no finished stage1"):  # e.g. the shipped checkpoint: stage 2 only
+        A.variant_config(base, tmp_path / "shipped", "full")
 
 
 def test_ablation_table_has_the_papers_form_with_the_best_value_in_bold():

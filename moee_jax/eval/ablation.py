@@ -59,6 +59,11 @@ def variant_config(stage2: ConfigDict, run_dir: pathlib.Path, variant: str, step
     from ``run_dir``'s earlier stages."""
     if variant not in ABLATIONS:
         raise ValueError(f"unknown ablation {variant!r}; choose from {list(ABLATIONS)}")
+    if not (run_dir / "stage1" / "final" / "params").exists():
+        raise ValueError(
+            f"{run_dir}: no finished stage1 (a shipped checkpoint holds stage 2 only); the ablations retrain stage 2 from "
+            "the run's stage 1: give a run trained from scratch (`moee demo --from-scratch` writes OUT/run)"
+        )
     c = ConfigDict(stage2.to_dict())
     for dotted, value in ABLATIONS[variant][1].items():
         *parents, leaf = dotted.split(".")
