@@ -41,7 +41,7 @@ class EvalSettings:
 
     steps: int = 10
     sampler: str = "ddim"
-    guidance: dict = dataclasses.field(default_factory=lambda: {"reference": 1.0, "audio": 1.0, "emotion": 3.0})
+    guidance: dict = dataclasses.field(default_factory=lambda: {"reference": 1.0, "audio": 4.0, "emotion": 3.0})
     compounds: dict = dataclasses.field(
         default_factory=lambda: {"happily_surprised": "happy:0.5,surprised:0.5", "sadly_fearful": "sad:0.5,fearful:0.5"}
     )
