@@ -283,10 +283,9 @@ class Animator:
                 raise ValueError("render_jobs batches jobs with the same clip count, sampler, guidance and emotion-input kinds")
         rows = self.compound_rows([j.emotion for j in jobs])
         video = np.arange(len(jobs)) if rows is None else rows.video  # the job of each batch row
-        if rows is None and len(jobs) == 1:  # as it is (an analysis pair may hold unbatched leaves)
-            emotion = first.emotion
-        elif rows is None:
-            emotion = jax.tree_util.tree_map(lambda *xs: jnp.concatenate([jnp.asarray(x) for x in xs]), *[j.emotion for j in jobs])
+        if rows is None:  # one job's leaves as they are (an analysis pair may hold unbatched leaves)
+            emotion = jax.tree_util.tree_map(lambda *xs: xs[0] if len(xs) == 1 else jnp.concatenate([jnp.asarray(x) for x in xs]),
+                                             *[j.emotion for j in jobs])  # fmt: skip
         else:
             emotion = jax.tree_util.tree_map(jnp.asarray, rows.emotion)
         mix = None if rows is None else jnp.asarray(rows.mix)
