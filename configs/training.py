@@ -79,6 +79,7 @@ def training_config(stage: str, variant: str) -> ConfigDict:
         num_frames=f, motion_frames=m, image_size=c.video.image_size[0],
         reference_min_distance=8 if stage == "stage1" else 0,
         audio_context_frames=2, mel_bins=32, mask_downsample=factor,
+        face_mask="framing",  # the face locator sees what inference gives it (moee_jax.data.pipeline)
         noisy_p=0.25 if stage == "stage2" else 0.0,
         class_balanced=True,
         # The reference from another clip of the same identity (mostly its neutral clip) and motion

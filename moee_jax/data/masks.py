@@ -33,6 +33,12 @@ MEDIAPIPE_LIPS: tuple[int, ...] = (
 
 REGIONS = ("full", "face", "lip")
 
+# How training crops frame the face (`moee prepare`, moee_jax.data.face_crop): the crop's side is
+# FRAMING_MARGIN × the longer side of the face-oval box, centred on it; FACE_ASPECT is a face oval's
+# width / height.
+FRAMING_MARGIN = 1.6
+FACE_ASPECT = 0.8
+
 
 def _convex_hull(points: np.ndarray) -> np.ndarray:
     """Vertices ``(K, 2)`` of the convex hull of ``points (N, 2)``, counter-clockwise (monotone chain)."""
@@ -69,6 +75,24 @@ def fill_convex_hull(points: np.ndarray, height: int, width: int) -> np.ndarray:
     else:  # a point or a segment: degenerate landmarks still mark their pixels
         draw.line(coords + coords[:1], fill=1)
     return np.asarray(image, np.float32)
+
+
+def framing_face_mask(size: int, downsample: int) -> np.ndarray:
+    """The face-locator mask ``(size/downsample, size/downsample)`` float32 of a crop framed like the
+    training crops: the face-oval ellipse such a crop holds (centred, height ``size / FRAMING_MARGIN``,
+    width ``FACE_ASPECT`` × that), area-pooled to latent cells.
+
+    A portrait at inference has no landmarks, so this is the mask the animator gives the face locator;
+    training gives it the same (``data.face_mask = "framing"``) so that the mask says where a face
+    is, as at inference, and not how this face's outline and jaw move in each frame.
+    """
+    r = size / (2 * FRAMING_MARGIN)
+    centre = np.array([(size - 1) / 2, (size - 1) / 2])
+    angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
+    oval = centre + np.stack([FACE_ASPECT * r * np.cos(angles), r * np.sin(angles)], axis=1)
+    face = fill_convex_hull(oval, size, size)[None]
+    small = size // downsample
+    return region_masks(face, np.zeros_like(face), (small, small))["face"][0]
 
 
 def _check_landmarks(landmarks, indices: Sequence[int], name: str) -> np.ndarray:

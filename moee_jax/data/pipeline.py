@@ -13,7 +13,7 @@ key                  shape / dtype                meaning
 ``audio``            ``(A,)`` float32              16 kHz speech of frames ``[s − c, s + F + c)``,
                                                    ``A = (F + 2c)·sr/fps``, zeros outside the clip
 ``mel``              ``(F + 2c, n_mels)`` float32      log-mel energy of each video frame of that audio
-``face_mask``        ``(F, m, m)`` float32         face region (area-pooled convex hull), ``m = S/r``
+``face_mask``        ``(F, m, m)`` float32         the face locator's input, ``m = S/r`` (see below)
 ``lip_mask``         ``(F, m, m)`` float32         lip region (⊂ face)
 ``mouth_mask``       ``(F, m, m)`` float32         1 on every cell the mouth box touches, else 0
 ``loss_mask``        ``(F, m, m)`` float32         weight of each latent cell in the denoising loss
@@ -74,6 +74,15 @@ Masked noisy emotion sampling (MoEE §3.4, stage 2)
     upsampled for pixel-space terms) and normalises by its sum, so masked cells contribute exactly
     nothing and do not dilute the others.
 
+The face locator's mask (``face_mask``)
+    ``"framing"`` (the training configs' choice): the face-oval ellipse of a crop framed like the
+    training crops (:func:`moee_jax.data.masks.framing_face_mask`), the same in every frame and
+    every sample — exactly what the animator gives at inference, where a portrait has no landmarks.
+    ``"landmarks"`` (the field's default, which configs stored before it existed trained with): the
+    face-oval hull of each target frame's landmarks. That mask carries the identity's face outline
+    and every frame's jaw opening, which inference cannot supply: the CPU demo's model trained on it
+    draws held-out faces in the ellipse's shape.
+
 Region-weighted loss
     ``face_loss_weight`` and ``lip_loss_weight`` (default 1: uniform) scale ``loss_mask`` on the
     face and the lips with the nested region masks of the audio attention (Hallo's regions,
@@ -118,6 +127,8 @@ from moee_jax.data import schema
 from moee_jax.data.audio import audio_window, frame_log_mel
 from moee_jax.data.feature_cache import FeatureCache
 
+FACE_MASKS = ("framing", "landmarks")
+
 
 @dataclasses.dataclass(frozen=True)
 class PipelineConfig:
@@ -134,6 +145,7 @@ class PipelineConfig:
     mel_bins: int = 32  # log-mel features per video frame (0: none)
     mask_downsample: int = 8  # r: masks at S / r (the VAE's latent size)
     mouth_scale: float = 1.5
+    face_mask: str = "landmarks"  # the face locator's mask: "framing" (as at inference) or "landmarks"
     noisy_p: float = 0.0  # masked noisy emotion sampling probability (stage 2)
     face_loss_weight: float = 1.0  # loss weight of face cells outside the lips (1: uniform)
     lip_loss_weight: float = 1.0  # loss weight of lip cells
@@ -188,6 +200,8 @@ class PipelineConfig:
             raise ValueError("data.num_frames must be >= 1, data.motion_frames and data.reference_min_distance >= 0")
         if self.batch_size < 1:
             raise ValueError(f"data.batch_size must be >= 1, got {self.batch_size}")
+        if self.face_mask not in FACE_MASKS:
+            raise ValueError(f"data.face_mask must be one of {FACE_MASKS}, got {self.face_mask!r}")
 
 
 # ---- the clip index ------------------------------------------------------------------------------
@@ -303,6 +317,9 @@ class MakeSample(grain.transforms.RandomMap):
         if self.size % cfg.mask_downsample:
             raise ValueError(f"frame size {self.size} is not divisible by data.mask_downsample={cfg.mask_downsample}")
         self.num_frames = index.num_frames
+        if cfg.face_mask == "framing":
+            framing = masks_lib.framing_face_mask(self.size, cfg.mask_downsample)
+            self.framing_mask = np.ascontiguousarray(np.broadcast_to(framing, (cfg.num_frames,) + framing.shape))
         # Clips of each identity (within this process's records), for references from other clips.
         speakers = index.speaker[self.keys]
         self.speaker_of = {int(k): int(w) for k, w in zip(self.keys, speakers)}
@@ -430,7 +447,7 @@ class MakeSample(grain.transforms.RandomMap):
             "motion_frames": frames[:m],
             "reference": frames[-1],
             "audio": audio,
-            "face_mask": regions["face"],
+            "face_mask": self.framing_mask.copy() if cfg.face_mask == "framing" else regions["face"],
             **({"mel": frame_log_mel(audio, float(record["fps"]), cfg.mel_bins)} if cfg.mel_bins else {}),
             "lip_mask": regions["lip"],
             "mouth_mask": mouth_small,

@@ -53,9 +53,9 @@ from moee_jax.data.face_crop import crop_frame
 from moee_jax.emotions import EMOTIONS, parse_palette
 
 MIN_IMAGE_SIDE = 64
-TRAINING_MARGIN = 1.6  # `moee prepare`: crop side / longer side of the face-oval box
+TRAINING_MARGIN = masks_lib.FRAMING_MARGIN  # `moee prepare`: crop side / longer side of the face-oval box
 DETECT_MARGIN = 1.7  # crop side / side of the Haar face box
-FACE_ASPECT = 0.8  # face-oval width / height
+FACE_ASPECT = masks_lib.FACE_ASPECT  # face-oval width / height
 HAAR_CASCADE = "haarcascade_frontalface_default.xml"
 REQUIRED_STAGE = "stage2"
 
@@ -198,14 +198,9 @@ def video_portrait(image: str | pathlib.Path | np.ndarray, size: int, *, detect:
 
 def face_region_mask(size: int, downsample: int) -> np.ndarray:
     """The face locator's input mask ``(size/downsample, size/downsample)`` float32 for a crop framed
-    like the training crops: the face-oval ellipse, area-pooled to latent cells."""
-    r = size / (2 * TRAINING_MARGIN)
-    centre = np.array([(size - 1) / 2, (size - 1) / 2])
-    angles = np.linspace(0, 2 * np.pi, 64, endpoint=False)
-    oval = centre + np.stack([FACE_ASPECT * r * np.cos(angles), r * np.sin(angles)], axis=1)
-    face = masks_lib.fill_convex_hull(oval, size, size)[None]
-    small = size // downsample
-    return masks_lib.region_masks(face, np.zeros_like(face), (small, small))["face"][0]
+    like the training crops (:func:`moee_jax.data.masks.framing_face_mask`, what training gives it
+    with ``data.face_mask = "framing"``)."""
+    return masks_lib.framing_face_mask(size, downsample)
 
 
 def mouth_region_mask(size: int, downsample: int, scale: float = 1.5) -> np.ndarray:
