@@ -72,6 +72,22 @@ def test_frames_audio_and_landmark_masks_come_from_the_chosen_window(source):
         np.testing.assert_array_equal(b["audio"][i], want)
 
 
+def test_framing_face_mask_is_the_animators_mask_in_every_frame(source):
+    """Train as you infer: with ``face_mask="framing"`` the face locator sees, in every sample and
+    frame, exactly the mask the animator gives a portrait (no landmarks there), not the frame's own
+    face outline and jaw."""
+    from moee_jax.inference.inputs import face_region_mask
+
+    (framing,) = _batches(source, 1, face_mask="framing", mask_downsample=8)
+    (landmarks,) = _batches(source, 1, face_mask="landmarks", mask_downsample=8)
+    want = face_region_mask(64, 8)
+    assert want.shape == (8, 8) and 0 < want.sum() < 64
+    np.testing.assert_array_equal(framing["face_mask"], np.broadcast_to(want, framing["face_mask"].shape))
+    # The landmark hull follows each frame; the loss weights and lip masks still come from landmarks.
+    assert not np.array_equal(landmarks["face_mask"], framing["face_mask"])
+    np.testing.assert_array_equal(framing["lip_mask"], landmarks["lip_mask"])
+
+
 def test_stage1_reference_frame_is_at_least_n_frames_from_the_window(source):
     n = 6
     b = _concat(_batches(source, 10, reference_min_distance=n))
@@ -237,6 +253,8 @@ def test_config_rejects_bad_values():
         P.PipelineConfig(noisy_p=1.5)
     with pytest.raises(ValueError, match="face_loss_weight"):
         P.PipelineConfig(face_loss_weight=-1.0)
+    with pytest.raises(ValueError, match="data.face_mask must be one of"):
+        P.PipelineConfig(face_mask="hull")
     with pytest.raises(ValueError, match="unknown data pipeline field"):
         P.PipelineConfig.from_dict({"num_frame": 3})
 
