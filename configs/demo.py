@@ -78,9 +78,10 @@ def get_config(arg: str = "cpu") -> ConfigDict:
             # overfit this doubled the shuffled-label loss gap and raised the label's accuracy
             # (benchmarks/RESULTS.md, "Region-weighted loss").
             face_loss_weight=5.0, lip_loss_weight=5.0,
-            # The face locator's mask: each target frame's face-oval hull, which is what the shipped
-            # checkpoint was trained with; the animator gives it the framing ellipse.
-            face_mask="landmarks",
+            # The face locator's mask. cpu: each target frame's face-oval hull, what the shipped
+            # checkpoint was trained with (the animator gives the framing ellipse; benchmarks/RESULTS.md,
+            # "Where the failing classes come from"). gpu trains from scratch: the ellipse, as at inference.
+            face_mask="landmarks" if not gpu else "framing",
         ))  # fmt: skip
         s.train.steps = n
         s.train.batch_size = 8 if not gpu else 32
