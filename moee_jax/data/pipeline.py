@@ -80,8 +80,10 @@ The face locator's mask (``face_mask``)
     every sample — exactly what the animator gives at inference, where a portrait has no landmarks.
     ``"landmarks"`` (the field's default, which configs stored before it existed trained with): the
     face-oval hull of each target frame's landmarks. That mask carries the identity's face outline
-    and every frame's jaw opening, which inference cannot supply: the CPU demo's model trained on it
-    draws held-out faces in the ellipse's shape.
+    and every frame's jaw opening, which inference cannot supply (the CPU demo's model trained on it
+    draws faces in the ellipse's shape). Measured on the CPU demo, though, training on the ellipse
+    read fewer validation clips right and synced the lips less (benchmarks/RESULTS.md, "Where the
+    failing classes come from"), so that demo keeps ``"landmarks"``.
 
 Region-weighted loss
     ``face_loss_weight`` and ``lip_loss_weight`` (default 1: uniform) scale ``loss_mask`` on the
