@@ -133,6 +133,12 @@ def test_roll_clips_hands_the_last_motion_latents_to_the_next_clip():
     list(roll_clips(lambda k, m: (seen.append(np.asarray(m)), jnp.array([[[10.0 * k], [10.0 * k + 1]]]))[1],
                     jnp.zeros((1, 3, 1)), long_plan))  # fmt: skip
     np.testing.assert_array_equal(seen[2][0, :, 0], [1, 10, 11])
+    # motion="reference": every clip starts from the portrait, as clip 0 does; nothing generated is handed on.
+    seen.clear()
+    list(roll_clips(fake_sampler, reference, plan, motion="reference"))
+    assert len(seen) == 3 and all(np.array_equal(m, reference) for m in seen)
+    with pytest.raises(ValueError, match="chain"):
+        list(roll_clips(fake_sampler, reference, plan, motion="last"))
 
 
 # ---- input checks ------------------------------------------------------------------------------------------
@@ -190,6 +196,7 @@ BAD_INPUTS = {
         ["1ms.wav", "shorter than one video frame"],
     ),
     "nan_guidance_scale": lambda tmp: ({"guidance": {"audio": float("nan")}}, ["--cfg_audio", "finite"]),
+    "unknown_motion_source": lambda tmp: ({"motion": "previous"}, ["--motion", "'previous'", "chain", "reference"]),
 }
 
 
@@ -201,7 +208,7 @@ def test_bad_input_is_a_clear_error_and_leaves_no_output(case, animator, media, 
     with pytest.raises(InputError) as err:
         spec = parse_emotion(args["emotion"])
         animate_to_file(animator, args["image"], args["audio"], spec, out_dir / "video.mp4", frames_dir=out_dir / "frames",
-                        steps=STEPS, detect=args["detect"], guidance=args.get("guidance"))  # fmt: skip
+                        steps=STEPS, detect=args["detect"], guidance=args.get("guidance"), motion=args.get("motion", "chain"))  # fmt: skip
     for phrase in phrases:
         assert phrase in str(err.value), (phrase, str(err.value))
     assert _files(out_dir) == []
@@ -332,6 +339,7 @@ def test_30s_audio_gives_750_frames_and_an_mp4_with_the_speech(long_video, anima
     assert audio is not None and abs(audio.size - 30 * SAMPLE_RATE) < 0.02 * 30 * SAMPLE_RATE
     settings = json.loads(out.with_suffix(".json").read_text())
     assert settings["frames"] == 750 and settings["steps"] == STEPS and settings["emotion"]["kind"] == "label"
+    assert settings["motion"] == "chain"
     assert animator._clip_step._cache_size() == 1  # one compilation served all 188 clips
 
 

@@ -132,6 +132,73 @@ def test_reader_reads_64_pixel_frames_through_the_internal_resize():
     assert small.size == 64 and out["aus"].shape == (8, synthetic.NUM_AUS)
 
 
+# ---- training-frame degradations --------------------------------------------------------------
+
+
+def test_gaussian_blur_keeps_flat_images_and_smooths_edges_more_as_sigma_grows():
+    import jax.numpy as jnp
+
+    flat = jnp.full((1, 16, 16, 3), 0.25)
+    np.testing.assert_allclose(R.gaussian_blur(flat, jnp.array([0.8])), flat, atol=1e-6)
+    step = jnp.broadcast_to((jnp.arange(16) >= 8).astype(jnp.float32)[None, None, :, None], (3, 16, 16, 3)) * 2 - 1
+    out = R.gaussian_blur(step, jnp.array([0.0, 0.5, 1.0]))
+    np.testing.assert_allclose(out[0], step[0], atol=1e-6)  # σ = 0 leaves the frame as it was
+    edge = jnp.abs(out[:, 8, 8, 0] - out[:, 8, 7, 0])  # the jump across the edge
+    assert edge[0] == pytest.approx(2.0) and edge[0] > edge[1] > edge[2] > 0.5
+    np.testing.assert_allclose(out.mean(axis=(1, 2, 3)), step.mean(axis=(1, 2, 3)), atol=1e-6)  # no light is lost
+
+
+def test_degrade_touches_a_share_p_of_the_frames_and_stays_in_range():
+    import jax
+
+    x = jax.random.uniform(jax.random.key(0), (400, 8, 8, 3), minval=-1, maxval=1)
+    key = jax.random.key(1)
+    np.testing.assert_array_equal(R.degrade(key, x, R.Augment(p=0.0)), x)
+    y = np.asarray(R.degrade(key, x, R.Augment(p=0.5)))
+    changed = np.any(np.abs(y - np.asarray(x)) > 1e-6, axis=(1, 2, 3))
+    assert 0.4 < changed.mean() < 0.6
+    assert y.min() >= -1.0 and y.max() <= 1.0
+    np.testing.assert_array_equal(y, R.degrade(key, x, R.Augment(p=0.5)))  # one key, one draw
+
+
+def test_augment_names_bad_fields():
+    with pytest.raises(ValueError, match="Augment.p"):
+        R.Augment(p=1.5)
+    with pytest.raises(ValueError, match="blur_sigma"):
+        R.Augment(blur_sigma=-1)
+    with pytest.raises(ValueError, match="blurr"):
+        R.Augment.from_dict({"blurr": 1.0})
+    assert R.Augment.from_dict(None) is None and R.Augment.from_dict({"p": 0.3}) == R.Augment(p=0.3)
+
+
+def test_a_reader_trained_on_degraded_frames_records_how():
+    data = R.reader_dataset(SIZE, R.TRAIN_IDENTITY_SEEDS, num_clips=4, frames_per_clip=2, seed=3)
+    small = R.fit_reader(data, steps=2, batch_size=4, augment=R.Augment(p=1.0))
+    assert R.Augment.from_dict(small.info["augment"]) == R.Augment(p=1.0)
+    assert R.fit_reader(data, steps=1, batch_size=4).info["augment"] is None
+
+
+def test_cached_reader_retrains_when_the_degradations_differ(tmp_path, monkeypatch):
+    from moee_jax.eval import evaluate as E
+
+    data = R.reader_dataset(SIZE, R.TRAIN_IDENTITY_SEEDS, num_clips=4, frames_per_clip=2, seed=3)
+    trained = []
+
+    def train(size, *, steps, render_size, blend_fraction, augment):
+        trained.append(augment)
+        reader = R.fit_reader(data, steps=steps, batch_size=4, augment=augment)
+        reader.info["render_size"] = render_size
+        return reader
+
+    monkeypatch.setattr(R, "train_reader", train)
+    path = tmp_path / "reader.msgpack"
+    E.cached_reader(path, SIZE, 2)
+    E.cached_reader(path, SIZE, 2)  # the same request: loaded, not trained
+    E.cached_reader(path, SIZE, 2, augment={"p": 0.5})
+    E.cached_reader(path, SIZE, 2, augment={"p": 0.5})
+    assert trained == [None, R.Augment(p=0.5)]
+
+
 # ---- metrics: perfect and chance predictions -------------------------------------------------
 
 

@@ -32,6 +32,11 @@ def animate() -> None:
         "How a palette of several emotions is made (default: the config's): guidance mixes one guided prediction per "
         "emotion, gate opens the experts together (MoEE's palette).",
     )  # fmt: skip
+    motion = flags.DEFINE_enum(
+        "motion", "chain", ["chain", "reference"],
+        "Motion frames of every clip after the first: the last generated frames (chain, seamless), or the portrait "
+        "repeated as for the first clip (reference: no drift of the expression along the video, a seam every clip).",
+    )  # fmt: skip
     frames_dir = flags.DEFINE_string("frames_dir", None, "Also write every frame as PNG into this new folder.")
     no_detect = flags.DEFINE_bool("no_detect", False, "The image is already a face crop: skip face detection.")
     paste_back = flags.DEFINE_bool("paste_back", False, "Paste the animated face back into the whole photo.")
@@ -54,7 +59,7 @@ def animate() -> None:
 
         bench = AnimateBenchmark(started) if benchmark.value else None
         options = dict(
-            steps=steps.value, sampler=sampler.value, seed=seed.value, detect=not no_detect.value,
+            steps=steps.value, sampler=sampler.value, seed=seed.value, detect=not no_detect.value, motion=motion.value,
             guidance={"reference": cfg_reference.value, "audio": cfg_audio.value, "emotion": cfg_emotion.value},
         )  # fmt: skip
         single = {"--image": image.value, "--audio": audio.value, "--out": out.value, "--emotion": emotion.value,

@@ -47,13 +47,14 @@ class EvalSettings:
     )
     speech_only_emotions: tuple[str, ...] = ("anger", "sadness")
     seed: int = 0
+    motion: str = "chain"  # where clips after the first take their motion frames (moee_jax.inference.long_audio)
 
     @classmethod
     def from_config(cls, c, seed: int = 0) -> EvalSettings:
         """From a ``configs/demo.py`` ``animate`` block."""
         return cls(
             steps=int(c.steps), sampler=str(c.sampler), guidance=dict(c.guidance), compounds=dict(c.compounds),
-            speech_only_emotions=tuple(c.speech_only_emotions), seed=seed,
+            speech_only_emotions=tuple(c.speech_only_emotions), seed=seed, motion=str(c.get("motion", "chain")),
         )  # fmt: skip
 
 
@@ -88,20 +89,24 @@ def run_dataset(run_dir: str | pathlib.Path) -> tuple[str, str]:
     return data_dir, name
 
 
-def cached_reader(path: str | pathlib.Path, size: int, steps: int, *, render_size: int | None = None, blend_fraction: float = 0.4):
+def cached_reader(path: str | pathlib.Path, size: int, steps: int, *, render_size: int | None = None, blend_fraction: float = 0.4,
+                  augment: dict | None = None):  # fmt: skip
     """The expression reader at ``path`` (a ``save_reader`` file) when it reads ``size``² frames drawn
-    at ``render_size`` (default ``size``) and was trained for ``steps``; else one trained (``steps``,
-    ``blend_fraction``) and saved there."""
-    from moee_jax.eval.reader import load_reader, save_reader, train_reader
+    at ``render_size`` (default ``size``) and was trained for ``steps`` with the training-frame
+    degradations ``augment`` (:class:`~moee_jax.eval.reader.Augment` fields, None for none); else one
+    trained (``steps``, ``blend_fraction``, ``augment``) and saved there."""
+    from moee_jax.eval.reader import Augment, load_reader, save_reader, train_reader
 
     path = pathlib.Path(path)
     render_size = int(render_size or size)
+    wanted = Augment.from_dict(None if augment is None else dict(augment))
     if path.is_file():
         reader = load_reader(path)
         trained = int(reader.info.get("steps", steps))
-        if reader.size == size and int(reader.info.get("render_size", reader.size)) == render_size and trained == steps:
+        had = Augment.from_dict(reader.info.get("augment"))
+        if reader.size == size and int(reader.info.get("render_size", reader.size)) == render_size and trained == steps and had == wanted:
             return reader
-    reader = train_reader(size, steps=steps, render_size=render_size, blend_fraction=blend_fraction)
+    reader = train_reader(size, steps=steps, render_size=render_size, blend_fraction=blend_fraction, augment=wanted)
     save_reader(reader, path)
     return reader
 
@@ -250,7 +255,8 @@ def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *,
         record = item.speech
         speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{item.speaker}/{_text(record['id'])}"))
         return animator.prepare(item.portrait, speech, item.spec, steps=settings.steps, sampler=settings.sampler,
-                                guidance=dict(settings.guidance), seed=settings.seed, detect=False)  # fmt: skip
+                                guidance=dict(settings.guidance), seed=settings.seed, detect=False,
+                                motion=settings.motion)  # fmt: skip
 
     videos: dict[int, np.ndarray] = {}
     # Jobs whose inputs have the same structure and clip count render together, whatever the kind of

@@ -46,7 +46,7 @@ from moee_jax.inference.emotion_inputs import EmotionInputs
 from moee_jax.inference.encoders import ModelEncoders, projection_inputs
 from moee_jax.inference.inputs import EmotionSpec, InputError, Speech
 from moee_jax.inference.job import Animation, Job
-from moee_jax.inference.long_audio import clip_audio_features, clip_feature_windows, plan_clips, roll_clips
+from moee_jax.inference.long_audio import MOTION_SOURCES, clip_audio_features, clip_feature_windows, plan_clips, roll_clips
 from moee_jax.inference.sampling import sample_clip, sampling_settings
 from moee_jax.models.conditioning import EmotionSources
 from moee_jax.models.features import to_uint8
@@ -164,11 +164,14 @@ class Animator:
         guidance: dict[str, float] | None = None,
         seed: int = 0,
         detect: bool = True,
+        motion: str = "chain",
     ) -> Job:
         """Check and load every input of one video and compute its per-video tensors (reference
         latent, face features, per-clip audio features, emotion sources); no clip is sampled yet.
         Raises :class:`InputError` for any unusable input. Arguments as :meth:`animate` describes."""
         self.check_emotion(emotion)
+        if motion not in MOTION_SOURCES:
+            raise InputError(f"--motion {motion!r}: choose one of {MOTION_SOURCES}")
         sampling = sampling_settings(self.config, self.schedule, steps=steps, sampler=sampler, guidance=guidance)
         speech = inputs_lib.video_speech(audio, self.fps)
         portrait, image_name = inputs_lib.video_portrait(image, self.size, detect=detect)
@@ -201,6 +204,7 @@ class Animator:
             "clip_frames": plan.clip_frames,
             "motion_frames": plan.motion_frames,
             "clips": plan.num_clips,
+            "motion": motion,
             "audio_features": "log-mel" if self.encoders.audio is None else f"wav2vec2 {self.encoders.audio_folder}",
         }
         if compound_components(sources):
@@ -247,6 +251,8 @@ class Animator:
 
         ``options`` are :meth:`prepare`'s: ``steps`` / ``sampler`` (``ddim`` | ``dpmpp_2m``) default to the config's; ``guidance`` maps
         ``reference`` / ``audio`` / ``emotion`` to their CFG scales (missing or None: the config's);
+        ``motion`` where clips after the first take their motion frames (``chain``: the last generated
+        ones, the default; ``reference``: the portrait repeated, as clip 0; :mod:`.long_audio`);
         ``detect=False`` takes the image as a face crop. ``progress(done, total)`` is called after
         each clip. ``settings["seconds"]`` is the whole call's time, ``settings["sampling_seconds"]``
         the clip loop's (:meth:`render_job`). → :class:`Animation` with ``frames (T, S, S, 3)`` uint8,
@@ -263,7 +269,7 @@ class Animator:
 
     def render_job(self, job: Job, progress: Callable[[int, int], None] | None = None) -> np.ndarray:
         """Every clip of a prepared ``job`` in order, motion frames handed from each clip to the next
-        (clip 0's are the reference latent repeated; clip ``k``'s noise is ``fold_in(key(seed), k)``)
+        (clip 0's are the reference latent repeated, and so are every clip's with ``motion="reference"``; clip ``k``'s noise is ``fold_in(key(seed), k)``)
         → ``(T, S, S, 3)`` uint8; ``progress(done, total)`` after each clip. A batch of one of
         :meth:`render_jobs`."""
         return self.render_jobs([job], progress)[0]
@@ -279,8 +285,11 @@ class Animator:
         for job in jobs[1:]:
             if job.plan.num_clips != first.plan.num_clips or job.scales != first.scales \
                     or jax.tree_util.tree_structure(job.emotion) != jax.tree_util.tree_structure(first.emotion) \
-                    or (job.settings["steps"], job.settings["sampler"]) != (first.settings["steps"], first.settings["sampler"]):  # fmt: skip
-                raise ValueError("render_jobs batches jobs with the same clip count, sampler, guidance and emotion-input kinds")
+                    or (job.settings["steps"], job.settings["sampler"], job.settings["motion"]) \
+                    != (first.settings["steps"], first.settings["sampler"], first.settings["motion"]):  # fmt: skip
+                raise ValueError(
+                    "render_jobs batches jobs with the same clip count, sampler, guidance, motion source and emotion-input kinds"
+                )
         rows = self.compound_rows([j.emotion for j in jobs])
         video = np.arange(len(jobs)) if rows is None else rows.video  # the job of each batch row
         if rows is None:  # one job's leaves as they are (an analysis pair may hold unbatched leaves)
@@ -303,7 +312,7 @@ class Animator:
             frames.append(pixels if rows is None else pixels[rows.output])
             return latents
 
-        for k, _ in roll_clips(one_clip, motion0, first.plan):
+        for k, _ in roll_clips(one_clip, motion0, first.plan, motion=first.settings["motion"]):
             if progress is not None:
                 progress(k + 1, first.plan.num_clips)
         video = np.concatenate(frames, axis=1)  # (B, clips·F, S, S, 3)

@@ -7,7 +7,9 @@ frames just before the clip). A long video is a chain of clips::
     clip k     motion = the last M latents generated so far        frames [kF, (k + 1)F)
 
 so every clip continues from what the previous one ended with (the hand-over is what keeps the
-video free of seams). ``T = num_video_frames(len(audio), 16 kHz, fps)`` frames are wanted; the last
+video free of seams). ``motion="reference"`` gives every clip clip 0's motion frames instead: no
+clip sees generated frames, so an expression cannot drift along the chain, at the price of a seam
+where each clip starts again from the portrait (:data:`MOTION_SOURCES`). ``T = num_video_frames(len(audio), 16 kHz, fps)`` frames are wanted; the last
 clip is filled up with silence to ``F`` frames and the surplus frames are dropped, so the video has
 exactly ``T`` frames (30 s at 25 fps: 750).
 
@@ -34,6 +36,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from moee_jax.data.audio import SAMPLE_RATE, audio_window, clip_windows, frame_log_mel, num_video_frames
+
+# Where clip k > 0 takes its motion frames from: the last ones generated ("chain"), or clip 0's, the
+# reference repeated ("reference"). See the module docstring.
+MOTION_SOURCES = ("chain", "reference")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -102,18 +108,22 @@ def roll_clips(
     sample_clip: Callable[[int, jax.Array | None], jax.Array],
     first_motion: jax.Array | None,
     plan: ClipPlan,
+    motion: str = "chain",
 ) -> Iterator[tuple[int, jax.Array]]:
     """Generate the clips in order, handing motion frames from each clip to the next.
 
     ``sample_clip(k, motion)`` gets the motion latents ``(B, M, h, w, C)`` (None when ``M = 0``) and
     returns the clip's latents ``(B, F, h, w, C)``; ``first_motion`` is clip 0's (the reference
     latent repeated). Yields ``(k, latents)``. With ``M > F`` the motion frames span several clips.
-    Arrays stay on their device.
+    ``motion="reference"``: every clip gets ``first_motion`` (:data:`MOTION_SOURCES`). Arrays stay on
+    their device.
     """
+    if motion not in MOTION_SOURCES:
+        raise ValueError(f"motion={motion!r}: choose one of {MOTION_SOURCES}")
     m = plan.motion_frames
-    motion = first_motion if m else None
+    frames = first_motion if m else None
     for k in range(plan.num_clips):
-        latents = sample_clip(k, motion)
+        latents = sample_clip(k, frames)
         yield k, latents
-        if m:
-            motion = jnp.concatenate([motion, latents], axis=1)[:, -m:]
+        if m and motion == "chain":
+            frames = jnp.concatenate([frames, latents], axis=1)[:, -m:]
