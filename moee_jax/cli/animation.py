@@ -34,7 +34,7 @@ def animate() -> None:
     )  # fmt: skip
     motion = flags.DEFINE_enum(
         "motion", "chain", ["chain", "reference"],
-        "Motion frames of every clip after the first: the last generated frames (chain, seamless), or the portrait "
+        "Motion frames of every clip after the first: the last generated frames (chain: the video continues across clips), or the portrait "
         "repeated as for the first clip (reference: no drift of the expression along the video, a seam every clip).",
     )  # fmt: skip
     frames_dir = flags.DEFINE_string("frames_dir", None, "Also write every frame as PNG into this new folder.")

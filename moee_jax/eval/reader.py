@@ -345,10 +345,8 @@ class Augment:
     generator's pixel statistics.
 
     A generated frame is never the ground truth's exact picture: a diffusion model's samples lose some
-    of the fine detail and carry a little noise and colour drift. A reader trained on clean frames alone
-    reads through that texture: the 12,000-step reader's accuracy on held-out ground truth at 32² fell
-    from 1.000 to 0.875 and 0.375 under a Gaussian blur of σ 0.7 and 1.0 px (benchmarks/RESULTS.md,
-    "A reader that reads through the texture"). A share ``p`` of the training frames gets, each with
+    of the fine detail and carry a little noise and colour drift, and a reader trained on clean frames
+    alone leans on that detail (measured below). A share ``p`` of the training frames gets, each with
     its own draw, at the network's input (``INPUT_SIZE``², values in ``[-1, 1]``):
 
     ``blur_sigma``  a Gaussian blur of σ uniform in ``[0, blur_sigma]`` pixels (separable, 7 taps,
@@ -359,11 +357,12 @@ class Augment:
     ``brightness``  a per-channel offset uniform in ``± brightness``.
 
     The labels are unchanged: none of these moves a landmark. Its ground-truth ceiling on clean frames
-    is what shows that the reader stays exact (:func:`moee_jax.eval.evaluate.ground_truth_ceiling`).
+    (:func:`moee_jax.eval.evaluate.ground_truth_ceiling`) shows what the robustness costs there.
 
     Measured with the defaults (12,000 steps, as the demo's reader; benchmarks/RESULTS.md, "A reader
-    that reads through the texture"): on the validation ground truth its accuracy is 0.982 at every
-    blur σ from 0 to 1.0 px (the plain reader: 1.000 → 0.375), but it finds both components of a
+    that reads through the texture"): on the validation identities' ground truth at 32² its accuracy
+    is 0.982 at every blur σ from 0 to 1.0 px (the clean-frame reader: 1.000, 0.875 at σ 0.7, 0.375 at
+    σ 1.0), but it finds both components of a
     compound in 0.69 of the clips against 0.75. It reads the shipped model's validation clips *lower*
     (0.607 against 0.750): the generated errors are in the drawn expression, not in its sharpness. The
     demo's reader is therefore trained without degradations (``config.reader.augment`` unset); this
