@@ -110,12 +110,6 @@ def run_demo(config: ConfigDict, out_dir: str | pathlib.Path, *, from_scratch: b
         return _run(config, out, shipped)
 
 
-def _augment(reader_config: ConfigDict) -> dict | None:
-    """The reader's training-frame degradations from ``config.reader.augment`` (None when unset)."""
-    augment = reader_config.get("augment")
-    return None if augment is None else dict(augment.to_dict() if isinstance(augment, ConfigDict) else augment)
-
-
 def _run(config: ConfigDict, out: pathlib.Path, shipped: pathlib.Path | None) -> dict:
     from moee_jax.eval import metrics as M
     from moee_jax.eval.ablation import run_ablations
@@ -163,7 +157,7 @@ def _run(config: ConfigDict, out: pathlib.Path, shipped: pathlib.Path | None) ->
     state = "load" if reader_path.is_file() else f"train {int(r.steps)} steps"
     with console.phase("reader", f"expression reader ({state}) → {reader_path}") as p:
         reader = cached_reader(reader_path, size, int(r.steps), render_size=int(r.get("render_size", config.data.size)),
-                               blend_fraction=float(r.get("blend_fraction", 0.4)), augment=_augment(r))  # fmt: skip
+                               blend_fraction=float(r.get("blend_fraction", 0.4)), augment=r.get("augment"))  # fmt: skip
     timings["reader_s"] = p["seconds"]
 
     settings = EvalSettings.from_config(config.animate, seed=int(config.seed))

@@ -169,13 +169,19 @@ def test_augment_names_bad_fields():
     with pytest.raises(ValueError, match="blurr"):
         R.Augment.from_dict({"blurr": 1.0})
     assert R.Augment.from_dict(None) is None and R.Augment.from_dict({"p": 0.3}) == R.Augment(p=0.3)
+    from ml_collections import ConfigDict
+
+    assert R.Augment.from_dict(ConfigDict({"p": 0.3})) == R.Augment(p=0.3)  # as configs/demo.py would give it
 
 
 def test_a_reader_trained_on_degraded_frames_records_how():
     data = R.reader_dataset(SIZE, R.TRAIN_IDENTITY_SEEDS, num_clips=4, frames_per_clip=2, seed=3)
     small = R.fit_reader(data, steps=2, batch_size=4, augment=R.Augment(p=1.0))
     assert R.Augment.from_dict(small.info["augment"]) == R.Augment(p=1.0)
-    assert R.fit_reader(data, steps=1, batch_size=4).info["augment"] is None
+    plain = R.fit_reader(data, steps=2, batch_size=4)
+    assert plain.info["augment"] is None
+    # Same seed, same batches: only the degraded frames can make the weights differ.
+    assert not np.allclose(small.params["stem"]["kernel"], plain.params["stem"]["kernel"])
 
 
 def test_cached_reader_retrains_when_the_degradations_differ(tmp_path, monkeypatch):

@@ -105,9 +105,8 @@ def _reader(f, run_dir: str, data_dir: str | None = None, dataset: str | None = 
         path = demo if demo.is_file() and not own.is_file() else own
     r = _demo_defaults().reader
     steps = f["reader_steps"].value or int(r.steps)
-    augment = r.get("augment")
     return cached_reader(path, size, steps, render_size=dataset_frame_size(data_dir, dataset), blend_fraction=float(r.blend_fraction),
-                         augment=None if augment is None else augment.to_dict())  # fmt: skip
+                         augment=r.get("augment"))  # fmt: skip
 
 
 def evaluate() -> None:

@@ -90,16 +90,16 @@ def run_dataset(run_dir: str | pathlib.Path) -> tuple[str, str]:
 
 
 def cached_reader(path: str | pathlib.Path, size: int, steps: int, *, render_size: int | None = None, blend_fraction: float = 0.4,
-                  augment: dict | None = None):  # fmt: skip
+                  augment=None):  # fmt: skip
     """The expression reader at ``path`` (a ``save_reader`` file) when it reads ``size``² frames drawn
     at ``render_size`` (default ``size``) and was trained for ``steps`` with the training-frame
-    degradations ``augment`` (:class:`~moee_jax.eval.reader.Augment` fields, None for none); else one
+    degradations ``augment`` (:class:`~moee_jax.eval.reader.Augment` fields as a dict or ``ConfigDict``, None for none); else one
     trained (``steps``, ``blend_fraction``, ``augment``) and saved there."""
     from moee_jax.eval.reader import Augment, load_reader, save_reader, train_reader
 
     path = pathlib.Path(path)
     render_size = int(render_size or size)
-    wanted = Augment.from_dict(None if augment is None else dict(augment))
+    wanted = Augment.from_dict(augment)
     if path.is_file():
         reader = load_reader(path)
         trained = int(reader.info.get("steps", steps))

@@ -383,10 +383,11 @@ class Augment:
                 raise ValueError(f"Augment.{name} must be non-negative, got {getattr(self, name)}")
 
     @classmethod
-    def from_dict(cls, fields: dict | None) -> Augment | None:
-        """An :class:`Augment` from its fields (a config or a reader's ``info``); None stays None."""
+    def from_dict(cls, fields) -> Augment | None:
+        """An :class:`Augment` from its fields (a dict, a ``ConfigDict`` or a reader's ``info``); None stays None."""
         if fields is None:
             return None
+        fields = dict(fields.to_dict() if hasattr(fields, "to_dict") else fields)
         unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ValueError(f"unknown reader augmentation field(s) {sorted(unknown)}; known: {[f.name for f in dataclasses.fields(cls)]}")
