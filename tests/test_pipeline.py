@@ -51,6 +51,7 @@ def test_sample_shapes_and_dtypes(source):
         "has_action_units": ((4,), np.bool_), "clip_key": ((4,), np.int64), "start": ((4,), np.int32),
         "reference_index": ((4,), np.int32), "mel": ((4, 12, 32), np.float32),
         "emotion_drop": ((4, 3), np.bool_), "motion_is_reference": ((4,), np.bool_), "reference_clip": ((4,), np.int64),
+        "motion_clip": ((4,), np.int64),
     }  # fmt: skip
     assert {k: (v.shape, v.dtype) for k, v in b.items()} == expected
     assert (b["lip_mask"] <= b["face_mask"] + 1e-6).all() and b["face_mask"].max() > 0.5
@@ -128,6 +129,21 @@ def test_motion_frames_repeat_the_reference_at_their_rate(source):
         record = source[int(b["clip_key"][i])]
         s = int(b["start"][i])
         np.testing.assert_array_equal(b["motion_frames"][i], schema.decode_frames(record["frames"], range(s - 2, s)))
+
+
+def test_motion_frames_from_another_expression_of_the_same_identity_at_their_rate(source):
+    b = _concat(_batches(source, 12, motion_as_reference_p=0.3, motion_other_p=0.4))
+    other = b["motion_clip"] != b["clip_key"]
+    assert not (other & b["motion_is_reference"]).any()
+    assert 0.15 < other.mean() < 0.65 and b["motion_is_reference"].any() and (~other & ~b["motion_is_reference"]).any()
+    for i in np.flatnonzero(other):
+        key, motion = int(b["clip_key"][i]), int(b["motion_clip"][i])
+        assert _speaker(source, motion) == _speaker(source, key)
+        assert source[motion]["emotion_class"] != source[key]["emotion_class"]
+        clip = schema.decode_frames(source[motion]["frames"], range(len(source[motion]["frames"])))
+        starts = [t for t in range(len(clip) - 1) if (clip[t : t + 2] == b["motion_frames"][i]).all()]
+        assert starts, "the motion frames are two consecutive frames of the other clip"
+    assert not (b["motion_clip"][~other] != b["clip_key"][~other]).any()
 
 
 def test_emotion_modes_keep_exactly_one_modality_unless_the_emotion_is_dropped(source):
@@ -251,6 +267,8 @@ def test_restored_iterator_state_continues_the_same_sequence(source, tmp_path):
 def test_config_rejects_bad_values():
     with pytest.raises(ValueError, match="noisy_p"):
         P.PipelineConfig(noisy_p=1.5)
+    with pytest.raises(ValueError, match="motion_as_reference_p \\+ data.motion_other_p"):
+        P.PipelineConfig(motion_as_reference_p=0.8, motion_other_p=0.3)
     with pytest.raises(ValueError, match="face_loss_weight"):
         P.PipelineConfig(face_loss_weight=-1.0)
     with pytest.raises(ValueError, match="data.face_mask must be one of"):

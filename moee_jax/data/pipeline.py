@@ -58,7 +58,12 @@ Reference frame — the model must need its conditions
       least ``reference_min_distance`` frames from the window (clips too short for that are left
       out of the sampling pool and counted in ``skipped``);
     * with probability ``motion_as_reference_p`` the ``M`` motion frames are the reference frame
-      repeated (``motion_is_reference``), as at the first clip of an animation.
+      repeated (``motion_is_reference``), as at the first clip of an animation;
+    * with probability ``motion_other_p`` they are ``M`` consecutive frames of **another clip of the
+      same identity with another expression** (``motion_clip`` names it; otherwise it is the target's
+      own key), as at a later clip of an animation whose frames drifted towards a wrong expression:
+      the label, not the motion frames, must then decide the expression. Otherwise they are the
+      ``M`` frames before the window.
 
 Masked noisy emotion sampling (MoEE §3.4, stage 2)
     Each sample first draws a *target class* uniformly over the classes present (class-balanced,
@@ -143,6 +148,7 @@ class PipelineConfig:
     reference_neutral_p: float = 0.0  # reference from a neutral clip of the same identity
     reference_other_p: float = 0.0  # reference from another clip of the same identity (any emotion)
     motion_as_reference_p: float = 0.0  # motion frames = the reference repeated (an animation's first clip)
+    motion_other_p: float = 0.0  # motion frames from a clip of the same identity with another expression
     audio_context_frames: int = 2  # c: audio frames of context on each side of the window
     mel_bins: int = 32  # log-mel features per video frame (0: none)
     mask_downsample: int = 8  # r: masks at S / r (the VAE's latent size)
@@ -188,14 +194,16 @@ class PipelineConfig:
 
     def __post_init__(self):
         for name in ("noisy_p", "drop_reference_p", "drop_audio_p", "drop_emotion_p", "drop_all_p", "reference_neutral_p",
-                     "reference_other_p", "motion_as_reference_p", "emotion_speech_p", "emotion_text_p"):  # fmt: skip
+                     "reference_other_p", "motion_as_reference_p", "motion_other_p", "emotion_speech_p",
+                     "emotion_text_p"):  # fmt: skip
             p = getattr(self, name)
             if not 0.0 <= p <= 1.0:
                 raise ValueError(f"data.{name} must lie in [0, 1], got {p}")
         for name in ("face_loss_weight", "lip_loss_weight"):
             if getattr(self, name) < 0.0:
                 raise ValueError(f"data.{name} must be ≥ 0, got {getattr(self, name)}")
-        for a, b in (("reference_neutral_p", "reference_other_p"), ("emotion_speech_p", "emotion_text_p")):
+        for a, b in (("reference_neutral_p", "reference_other_p"), ("motion_as_reference_p", "motion_other_p"),
+                     ("emotion_speech_p", "emotion_text_p")):  # fmt: skip
             if getattr(self, a) + getattr(self, b) > 1.0:
                 raise ValueError(f"data.{a} + data.{b} must be at most 1, got {getattr(self, a)} + {getattr(self, b)}")
         if self.num_frames < 1 or self.motion_frames < 0 or self.reference_min_distance < 0:
@@ -319,6 +327,7 @@ class MakeSample(grain.transforms.RandomMap):
         if self.size % cfg.mask_downsample:
             raise ValueError(f"frame size {self.size} is not divisible by data.mask_downsample={cfg.mask_downsample}")
         self.num_frames = index.num_frames
+        self.emotion_class_of = index.emotion_class
         if cfg.face_mask == "framing":
             framing = masks_lib.framing_face_mask(self.size, cfg.mask_downsample)
             self.framing_mask = np.ascontiguousarray(np.broadcast_to(framing, (cfg.num_frames,) + framing.shape))
@@ -362,6 +371,13 @@ class MakeSample(grain.transforms.RandomMap):
         else:
             return clip_key
         pool = pool[pool != clip_key]
+        return int(pool[rng.integers(len(pool))]) if len(pool) else clip_key
+
+    def _motion_clip(self, clip_key: int, rng: np.random.Generator) -> int:
+        """The record the motion frames come from when ``motion_other_p`` fires: a clip of the same
+        identity with another expression class (``clip_key`` itself when the identity has none)."""
+        pool = self.by_speaker[self.speaker_of[clip_key]]
+        pool = pool[self.emotion_class_of[pool] != self.emotion_class_of[clip_key]]
         return int(pool[rng.integers(len(pool))]) if len(pool) else clip_key
 
     def _window(self, n: int, rng: np.random.Generator, same_clip: bool = True) -> tuple[int, int]:
@@ -413,9 +429,19 @@ class MakeSample(grain.transforms.RandomMap):
             r = int(rng.integers(len(ref_frames)))
             frames = np.concatenate([schema.decode_frames(record["frames"], list(range(s - m, s + f))),
                                      schema.decode_frames(ref_frames, [r])])  # fmt: skip
-        motion_is_reference = bool(m) and rng.random() < cfg.motion_as_reference_p
+        u = rng.random()
+        motion_is_reference = bool(m) and u < cfg.motion_as_reference_p
+        motion_key = (
+            self._motion_clip(clip_key, rng)
+            if m and not motion_is_reference and u < cfg.motion_as_reference_p + cfg.motion_other_p
+            else clip_key
+        )
         if motion_is_reference:
             frames[:m] = frames[-1]
+        elif motion_key != clip_key:
+            other = self.source[motion_key]["frames"]
+            t = int(rng.integers(len(other) - m + 1))
+            frames[:m] = schema.decode_frames(other, list(range(t, t + m)))
         landmarks = np.asarray(record["landmarks"], np.float32)[s : s + f]
         if self.size != self.stored_size:
             frames = resize_frames(frames, self.size)
@@ -463,6 +489,7 @@ class MakeSample(grain.transforms.RandomMap):
             "drop_emotion": np.bool_(drops[2]),
             "emotion_drop": emotion_drop,
             "motion_is_reference": np.bool_(motion_is_reference),
+            "motion_clip": np.int64(motion_key),
             "reference_clip": np.int64(ref_key),
             "action_units": aus[s : s + f] if has_aus else np.zeros((f, schema.NUM_AUS), np.float32),
             "has_action_units": np.bool_(has_aus),
