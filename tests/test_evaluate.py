@@ -64,6 +64,20 @@ def test_evaluate_run_scores_every_emotion_compound_and_speech_only_clip(run_dir
     json.dumps(summary)  # JSON-ready
 
 
+def test_the_labelled_ceiling_reads_the_truth_of_each_labelled_request_and_lists_what_it_cannot_draw(reader, synthetic_tfds):
+    clips = E.held_out_clips(*synthetic_tfds)
+    speaker = sorted(clips)[0]
+    settings = E.EvalSettings(compounds={"happily_surprised": "happy:0.5,surprised:0.5"})
+    ceiling = E.ground_truth_ceiling(reader, clips, 32, settings, speakers=[speaker], labelled=True)
+    assert ceiling["emotion"]["num_clips"] == 7 and "missing" not in ceiling
+    assert ceiling["compounds"]["per_compound"]["happily_surprised"]["num_clips"] == 1
+    # Every clip of the labelled protocol speaks the neutral clip's words: lip sync is read against that audio.
+    assert ceiling["lip_sync"]["num_clips"] == 8
+    foreign = {speaker: {e: dict(r, id=b"clip") for e, r in clips[speaker].items()}}
+    unknown = E.ground_truth_ceiling(reader, foreign, 32, settings, labelled=True)
+    assert len(unknown["missing"]) == 8 and "emotion" not in unknown
+
+
 def test_a_reader_of_another_frame_size_is_refused(run_dir):
     wrong = R.Reader(size=16, params={}, identity_mean=np.zeros(24), identity_std=np.ones(24))
     with pytest.raises(ValueError, match="16²"):

@@ -75,6 +75,36 @@ def test_a_share_of_emotional_training_clips_has_a_neutral_voice(splits):
         assert stored[key] == (spec.speech_emotion or spec.emotion)
 
 
+def test_a_labelled_request_has_an_exact_ground_truth_saying_the_neutral_clips_words(splits):
+    from moee_jax.data import synthetic
+    from moee_jax.data.builders.synthetic_talking_faces import parse_clip_id, speech_matched_clip
+
+    test = [splits["test"][i] for i in range(len(splits["test"]))]
+    speaker = test[0]["speaker"]
+    clips = {r["emotion"].decode(): r for r in test if r["speaker"] == speaker}
+    neutral = clips["neutral"]
+    # Asking for the neutral clip itself redraws it exactly, and so does an emotional clip with its own voice.
+    again = speech_matched_clip(neutral, "neutral", 0.0)
+    np.testing.assert_array_equal(again.frames, schema.decode_frames(neutral["frames"]))
+    own = speech_matched_clip(clips["sadness"], "sadness")
+    np.testing.assert_array_equal(own.frames, schema.decode_frames(clips["sadness"]["frames"]))
+    # Sadness asked of the neutral clip: its audio sample for sample, sadness's AUs, the neutral jaw.
+    sad = speech_matched_clip(neutral, "sadness")
+    np.testing.assert_array_equal(sad.audio, neutral["audio"])
+    static = synthetic.EMOTION_AUS["sadness"]
+    np.testing.assert_allclose(np.delete(sad.action_units, 10, axis=1), np.broadcast_to(np.delete(static, 10), (len(sad.frames), 10)))
+    np.testing.assert_allclose(sad.action_units[:, 10], again.action_units[:, 10])
+    assert not np.allclose(sad.action_units[:, 10], clips["sadness"]["action_units"][:, 10])  # the sad voice's jaw differs
+    compound = speech_matched_clip(neutral, "happy:0.5,surprised:0.5")
+    np.testing.assert_array_equal(compound.audio, neutral["audio"])
+    # A record this builder did not write, or whose audio it cannot redraw, has no such truth.
+    assert speech_matched_clip(dict(neutral, id=b"clip_7"), "sadness") is None
+    assert speech_matched_clip(dict(neutral, audio=neutral["audio"] * 0.5), "sadness") is None
+    assert parse_clip_id(neutral["id"].decode())[0] == int(speaker.decode()[2:])
+    with pytest.raises(ValueError, match="clip_7"):
+        parse_clip_id("clip_7")
+
+
 def test_readable_by_grain_in_a_process_that_never_imports_tensorflow(synthetic_tfds):
     data_dir, name = synthetic_tfds
     script = textwrap.dedent("""

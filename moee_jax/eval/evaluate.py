@@ -146,6 +146,7 @@ def ground_truth_ceiling(
     round_trip: Callable[[np.ndarray], np.ndarray] | None = None,
     speakers: Sequence[str] | None = None,
     fps: float = 25.0,
+    labelled: bool = False,
 ) -> dict:
     """The instrument's ceiling: every metric of :func:`evaluate_run` on the held-out *ground-truth*
     clips, seen as the model sees them — area-shrunk to the model's ``size`` and, with
@@ -154,7 +155,13 @@ def ground_truth_ceiling(
     better than the reader does on the truth.
 
     Basic emotions: the identity's own test clip of each class; compounds: its clip of each palette
-    of ``settings.compounds`` (missing ones are skipped and listed under ``missing``).
+    of ``settings.compounds`` (missing ones are skipped and listed under ``missing``). These speak
+    with their own voice, whose prosody may carry the emotion too.
+
+    ``labelled``: instead, the ground truth of exactly what the labelled and compound evaluation
+    clips ask for — the identity showing each emotion while saying its *neutral* clip's words with
+    the neutral voice (:func:`~moee_jax.data.builders.synthetic_talking_faces.speech_matched_clip`,
+    drawn anew at the dataset's frame size; datasets it cannot redraw list every clip as missing).
     """
     speakers = sorted(tests) if speakers is None else list(speakers)
     probs, targets, aus, compounds, sync, identity, missing = [], [], [], [], [], [], []
@@ -164,27 +171,35 @@ def ground_truth_ceiling(
         truth = np.asarray(clips["neutral"]["identity"], np.float32)
 
         def read(record, truth=truth):
-            frames = resize_frames(schema.decode_frames(record["frames"]), size)
+            frames = resize_frames(schema.decode_frames(record["frames"]) if isinstance(record, dict) else record.frames, size)
             if round_trip is not None:
                 frames = round_trip(frames)
             pred = reader.predict(frames)
-            audio = np.asarray(record["audio"], np.float32)
+            audio = np.asarray(record["audio"] if isinstance(record, dict) else record.audio, np.float32)
             sync.append(M.lip_sync(pred["mouth"], audio, fps))
             identity.append(M.identity_error(pred["identity"], truth))
             return pred
 
+        def truth_of(emotion: str, spec: str | None = None, clips=clips):
+            if labelled:
+                from moee_jax.data.builders.synthetic_talking_faces import speech_matched_clip
+
+                return speech_matched_clip(clips["neutral"], spec or emotion, 0.0 if emotion == schema.NEUTRAL else 1.0)
+            return clips.get(emotion) if spec is None else compound_record(clips, spec)
+
         basic_aus = {}
         for emotion in schema.CLASSES:
-            if emotion not in clips:
+            record = truth_of(emotion)
+            if record is None:
                 missing.append(f"{speaker}/{emotion}")
                 continue
-            pred = read(clips[emotion])
+            pred = read(record)
             probs.append(pred["probs"])
             targets.append(emotion)
             aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(emotion, 1.0)[2]))
             basic_aus[emotion] = pred["aus"]
         for compound, spec in settings.compounds.items():
-            record = compound_record(clips, spec)
+            record = truth_of(compound, spec)
             if record is None:
                 missing.append(f"{speaker}/{spec}")
                 continue
@@ -345,7 +360,9 @@ def evaluate_run(
     """Animate and score the held-out clips; returns a :func:`metrics.summarize` dict plus
     ``ceiling`` (the same metrics on the ground truth: :func:`ground_truth_ceiling`, through the
     resize and, unless the autoencoder is lossless, ``ceiling_round_trip`` through the run's latent
-    round trip), ``label_effect`` (the mean pixel change when only the label changes, see
+    round trip), ``ceiling_labelled`` (the ground truth of exactly what the labelled and compound
+    clips ask for: each emotion saying the neutral clip's words with the neutral voice, where the
+    dataset's generator can redraw it), ``label_effect`` (the mean pixel change when only the label changes, see
     :func:`score_items`), ``speech_only`` (accuracy of speech-derived emotion),
     ``held_out_identities`` and ``seconds``.
 
@@ -386,6 +403,8 @@ def evaluate_run(
     if not animator.lossless_latents:
         summary["ceiling_round_trip"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=animator.fps,
                                                              round_trip=animator.round_trip)  # fmt: skip
+    summary["ceiling_labelled"] = ground_truth_ceiling(reader, tests, size, settings, speakers=speakers, fps=animator.fps,
+                                                       labelled=True)  # fmt: skip
     summary["held_out_identities"] = speakers
     summary["settings"] = dataclasses.asdict(settings)
     summary["seconds"] = round(time.perf_counter() - t0, 1)

@@ -405,7 +405,8 @@ def to_markdown(summary: Mapping) -> str:
     lines = ["## Evaluation", ""]
     head = summary.get("headline", {})
     ceilings = [(title, summary[key].get("headline", {})) for key, title in
-                (("ceiling", "ground truth (ceiling)"), ("ceiling_round_trip", "ground truth through the latents")) if key in summary]  # fmt: skip
+                (("ceiling", "ground truth (ceiling)"), ("ceiling_round_trip", "ground truth through the latents"),
+                 ("ceiling_labelled", "ground truth, neutral voice")) if key in summary]  # fmt: skip
     if ceilings:
         # Every generated number beside the reader's score on the ground truth seen the same way.
         lines += _table(("metric", "generated", *(t for t, _ in ceilings)),

@@ -177,3 +177,44 @@ def build(config: str | SyntheticConfig = "tiny", data_dir: str | None = None) -
     builder = SyntheticTalkingFaces(config=config, data_dir=data_dir, file_format="array_record")
     builder.download_and_prepare()
     return builder
+
+
+def parse_clip_id(clip_id: str) -> tuple[int, str, float, int]:
+    """``(identity, emotion, intensity, seed)`` of a record id written by :func:`render_record`
+    (``id0168/sadness_1.00_0123456789``); ValueError for any other form."""
+    try:
+        speaker, rest = clip_id.split("/", 1)
+        emotion, intensity, seed = rest.rsplit("_", 2)
+        if not speaker.startswith("id"):
+            raise ValueError
+        return int(speaker[2:]), emotion, float(intensity), int(seed)
+    except ValueError:
+        raise ValueError(f"clip id {clip_id!r} is not of the form id<identity>/<emotion>_<intensity>_<seed>") from None
+
+
+def speech_matched_clip(record: dict, emotion: str, intensity: float = 1.0) -> synthetic.SyntheticClip | None:
+    """The ground truth of the labelled request "``record``'s speaker, showing ``emotion``, saying
+    ``record``'s speech": the same identity drawn with ``emotion`` at ``intensity`` while speaking
+    exactly ``record``'s words with ``record``'s voice (:func:`~moee_jax.data.synthetic.generate_clip`
+    with the record's seed and ``speech_emotion``; the seed fixes words, pitch accents and head
+    motion, so the audio is ``record``'s own sample for sample).
+
+    This is what ``moee eval`` asks of a model when it drives every labelled clip with a speaker's
+    *neutral* clip; the stored emotional clips speak with their own, emotional voice (another jaw
+    opening, see :data:`~moee_jax.data.synthetic.PROSODY`). Returns None when ``record`` was not
+    written by this builder or regenerating it does not reproduce its audio (another generator
+    version): the truth cannot be drawn then.
+    """
+    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
+    try:
+        identity, _, _, seed = parse_clip_id(text(record["id"]))
+    except ValueError:
+        return None
+    audio = np.asarray(record["audio"], np.float32)
+    frame = schema.decode_frames(record["frames"], [0])[0]
+    voice = text(record["speech_emotion"]) or text(record["emotion"])
+    clip = synthetic.generate_clip(identity, emotion, float(intensity), seed=seed, num_frames=len(record["frames"]),
+                                   fps=float(record["fps"]), size=frame.shape[:2], text=False, speech_emotion=voice)  # fmt: skip
+    if clip.audio.shape != audio.shape or not np.allclose(clip.audio, audio, atol=1e-6):
+        return None
+    return clip
