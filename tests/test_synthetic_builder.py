@@ -75,6 +75,28 @@ def test_a_share_of_emotional_training_clips_has_a_neutral_voice(splits):
         assert stored[key] == (spec.speech_emotion or spec.emotion)
 
 
+def test_another_share_speaks_with_the_voice_of_another_class_and_the_shares_do_not_overlap():
+    import dataclasses
+
+    from moee_jax.data.builders.synthetic_talking_faces import SyntheticTalkingFaces, clip_specs
+
+    tiny = SyntheticTalkingFaces.builder_configs["tiny"]
+    config = dataclasses.replace(tiny, train_identities=40, neutral_voice_p=0.3, other_voice_p=0.5)
+    train = clip_specs(config, "train")
+    emotional = [s for s in train if s.emotion != "neutral"]
+    voices = [s.speech_emotion for s in emotional]
+    assert 0.22 < voices.count("neutral") / len(voices) < 0.38 + 0.5 / 6  # 0.3, plus the other draws that land on neutral
+    others = [s for s in emotional if s.speech_emotion not in (None, "neutral")]
+    assert all(s.speech_emotion != s.emotion for s in others)
+    assert 0.35 < (len(others) + voices.count("neutral")) / len(voices) - 0.3 < 0.65
+    assert len({s.speech_emotion for s in others}) == 6  # every other emotion's voice occurs
+    assert all(s.speech_emotion is None for s in train if s.emotion == "neutral")
+    # Without the new share, the clips (and their voices) are those of before.
+    assert clip_specs(dataclasses.replace(tiny, other_voice_p=0.0), "train") == clip_specs(tiny, "train")
+    with pytest.raises(ValueError, match="other_voice_p"):
+        clip_specs(dataclasses.replace(tiny, other_voice_p=0.6), "train")
+
+
 def test_a_labelled_request_has_an_exact_ground_truth_saying_the_neutral_clips_words(splits):
     from moee_jax.data import synthetic
     from moee_jax.data.builders.synthetic_talking_faces import parse_clip_id, speech_matched_clip

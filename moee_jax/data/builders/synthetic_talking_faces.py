@@ -19,7 +19,11 @@ A voice's prosody follows the face's emotion (:data:`moee_jax.data.synthetic.PRO
 makes the speech a second cue to the expression. ``neutral_voice_p`` draws that share of the
 training split's emotional clips with an emotion-neutral voice instead (recorded in the
 ``speech_emotion`` feature), so that a model must read the expression from the emotion condition
-— as it must at inference, where a label is combined with any speech.
+— as it must at inference, where a label is combined with any speech. ``other_voice_p`` draws that
+share of them with the voice of another class (uniformly, neutral included): loudness, pitch and the
+jaw opening they drive then say nothing about the upper face (sadness's quiet voice barely opens the
+jaw, anger's loud one opens it wide, and only angry, fearful and surprised faces raise the lids), so
+a model cannot learn to draw an expression from the voice alone.
 
 Everything is deterministic in ``seed``: the same config writes bit-identical records.
 
@@ -59,6 +63,7 @@ class SyntheticConfig(tfds.core.BuilderConfig):
     compounds: tuple[str, ...] = DEFAULT_COMPOUNDS
     compounds_in_train: bool = False
     neutral_voice_p: float = 0.0  # share of emotional train clips spoken with an emotion-neutral voice
+    other_voice_p: float = 0.0  # share of emotional train clips spoken with another class's voice, drawn uniformly
     seed: int = 0
     splits: tuple[str, ...] = ("train", "test")  # ("test",): the held-out split alone (evaluating a trained model)
 
@@ -117,6 +122,9 @@ def clip_specs(config: SyntheticConfig, split: str) -> list[ClipSpec]:
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     if not 0.0 <= config.neutral_voice_p <= 1.0:
         raise ValueError(f"SyntheticConfig.neutral_voice_p must lie in [0, 1], got {config.neutral_voice_p}")
+    if not 0.0 <= config.other_voice_p <= 1.0 - config.neutral_voice_p:
+        raise ValueError(f"SyntheticConfig.other_voice_p must lie in [0, 1 - neutral_voice_p = {1 - config.neutral_voice_p:g}], "
+                         f"got {config.other_voice_p}")  # fmt: skip
     specs = []
     if split == "train":
         ids = range(config.train_identities)
@@ -127,8 +135,7 @@ def clip_specs(config: SyntheticConfig, split: str) -> list[ClipSpec]:
                 for k, intensity in enumerate(levels):
                     for c in range(config.clips_per_emotion):
                         seed = _seed(config.seed, i, e_index, k, c)
-                        neutral_voice = emotion != NEUTRAL and _unit(seed) < config.neutral_voice_p
-                        specs.append(ClipSpec(i, emotion, intensity, seed, NEUTRAL if neutral_voice else None))
+                        specs.append(ClipSpec(i, emotion, intensity, seed, _voice(config, emotion, seed)))
     else:
         start = config.train_identities
         for i in range(start, start + config.test_identities):
@@ -146,6 +153,21 @@ def _seed(*parts: int) -> int:
 def _unit(seed: int) -> float:
     """A uniform number in ``[0, 1)`` fixed by ``seed`` (independent of the clip's own draws)."""
     return float(np.random.default_rng([seed, 0x701CE]).random())
+
+
+def _voice(config: SyntheticConfig, emotion: str, seed: int) -> str | None:
+    """The ``speech_emotion`` of a training clip: None (the face's own), neutral with
+    ``neutral_voice_p``, another basic class drawn uniformly with ``other_voice_p`` (emotional faces
+    only: a neutral face has intensity 0, and so would its voice)."""
+    u = _unit(seed)
+    if emotion == NEUTRAL:
+        return None
+    if u < config.neutral_voice_p:
+        return NEUTRAL
+    if u >= 1.0 - config.other_voice_p:  # the top of [0, 1): disjoint from the neutral share for every class
+        others = [c for c in BASIC_CLASSES if c != emotion]
+        return others[int(np.random.default_rng([seed, 0x0F0CE]).integers(len(others)))]
+    return None
 
 
 def render_record(spec: ClipSpec, config: SyntheticConfig) -> dict[str, object]:
