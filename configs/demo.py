@@ -35,7 +35,7 @@ def get_config(arg: str = "cpu") -> ConfigDict:
     # 64² and area-shrunk to the model's size; the compound palettes appear only in the held-out split.
     c.data = ConfigDict(dict(
         name=f"demo_{variant}", size=64 if not gpu else 128, num_frames=50, train_identities=160 if not gpu else 480,
-        test_identities=8, clips_per_emotion=1 if not gpu else 2, intensities=(0.6, 1.0), neutral_voice_p=0.5,
+        test_identities=8, clips_per_emotion=1 if not gpu else 2, intensities=(0.6, 1.0), neutral_voice_p=0.5, other_voice_p=0.0,
         compounds=("happy:0.5,surprised:0.5", "sad:0.5,fearful:0.5", "happily_surprised", "sadly_fearful"), seed=0,
     ))  # fmt: skip
     image = 32 if not gpu else 64
