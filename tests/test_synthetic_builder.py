@@ -122,6 +122,8 @@ def test_a_labelled_request_has_an_exact_ground_truth_saying_the_neutral_clips_w
     # A record this builder did not write, or whose audio it cannot redraw, has no such truth.
     assert speech_matched_clip(dict(neutral, id=b"clip_7"), "sadness") is None
     assert speech_matched_clip(dict(neutral, audio=neutral["audio"] * 0.5), "sadness") is None
+    older = {k: v for k, v in neutral.items() if k != "speech_emotion"}  # written before the feature: the face's voice
+    np.testing.assert_array_equal(speech_matched_clip(older, "sadness").audio, neutral["audio"])
     assert parse_clip_id(neutral["id"].decode())[0] == int(speaker.decode()[2:])
     with pytest.raises(ValueError, match="clip_7"):
         parse_clip_id("clip_7")

@@ -227,16 +227,19 @@ def speech_matched_clip(record: dict, emotion: str, intensity: float = 1.0) -> s
     written by this builder or regenerating it does not reproduce its audio (another generator
     version): the truth cannot be drawn then.
     """
-    text = lambda v: v.decode() if isinstance(v, bytes) else str(v)  # noqa: E731
     try:
-        identity, _, _, seed = parse_clip_id(text(record["id"]))
+        identity, _, _, seed = parse_clip_id(_text(record["id"]))
     except ValueError:
         return None
     audio = np.asarray(record["audio"], np.float32)
     frame = schema.decode_frames(record["frames"], [0])[0]
-    voice = text(record["speech_emotion"]) or text(record["emotion"])
+    voice = _text(record.get("speech_emotion", b"")) or _text(record["emotion"])  # older records: the face's own voice
     clip = synthetic.generate_clip(identity, emotion, float(intensity), seed=seed, num_frames=len(record["frames"]),
                                    fps=float(record["fps"]), size=frame.shape[:2], text=False, speech_emotion=voice)  # fmt: skip
     if clip.audio.shape != audio.shape or not np.allclose(clip.audio, audio, atol=1e-6):
         return None
     return clip
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
