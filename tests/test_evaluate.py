@@ -73,6 +73,24 @@ def test_the_labelled_ceiling_reads_the_truth_of_each_labelled_request_and_lists
     assert ceiling["compounds"]["per_compound"]["happily_surprised"]["num_clips"] == 1
     # Every clip of the labelled protocol speaks the neutral clip's words: lip sync is read against that audio.
     assert ceiling["lip_sync"]["num_clips"] == 8
+    # What the reader is shown is the redrawn request, not the stored clip of that emotion.
+    from moee_jax.data import schema
+    from moee_jax.data.builders.synthetic_talking_faces import speech_matched_clip
+    from moee_jax.data.pipeline import resize_frames
+
+    shown = []
+
+    class Recording:
+        size = reader.size
+
+        def predict(self, frames):
+            shown.append(frames)
+            return reader.predict(frames)
+
+    E.ground_truth_ceiling(Recording(), clips, 32, settings, speakers=[speaker], labelled=True)
+    sad = shown[list(schema.CLASSES).index("sadness")]
+    np.testing.assert_array_equal(sad, resize_frames(speech_matched_clip(clips[speaker]["neutral"], "sadness").frames, 32))
+    assert not np.array_equal(sad, resize_frames(schema.decode_frames(clips[speaker]["sadness"]["frames"]), 32))
     foreign = {speaker: {e: dict(r, id=b"clip") for e, r in clips[speaker].items()}}
     unknown = E.ground_truth_ceiling(reader, foreign, 32, settings, labelled=True)
     assert len(unknown["missing"]) == 8 and "emotion" not in unknown

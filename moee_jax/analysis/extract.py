@@ -291,9 +291,9 @@ def extract_latents(
     key = jax.random.key(seed)
     for i, (sample, e_sample) in enumerate(zip(samples, embedder_samples)):
         record = source[int(sample["clip_key"])]
-        rows["clip_id"].append(as_text(record["id"]))
-        rows["speaker"].append(as_text(record["speaker"]))
-        rows["emotion"].append(as_text(record["emotion"]))
+        rows["clip_id"].append(schema.text_field(record["id"]))
+        rows["speaker"].append(schema.text_field(record["speaker"]))
+        rows["emotion"].append(schema.text_field(record["emotion"]))
         rows["emotion_class"].append(int(sample["emotion_class"]))
         rows["intensity"].append(float(sample["intensity"]))
         rows["palette"].append(np.asarray(sample["palette"], np.float32))
@@ -351,8 +351,3 @@ def emotion_order(latents: ClipLatents) -> tuple[str, ...]:
     """Every emotion of ``latents``: the basic classes in :data:`~moee_jax.data.schema.CLASSES`
     order, then the compounds alphabetically."""
     return class_names(latents) + tuple(sorted(set(latents.emotion[~latents.basic].tolist())))
-
-
-def as_text(value) -> str:
-    """A record's text feature (bytes from ``tfds.data_source``) as ``str``."""
-    return value.decode() if isinstance(value, bytes) else str(value)

@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image
 
 from moee_jax.analysis.animator import AnalysisAnimator, InterpolatedEmotion
-from moee_jax.analysis.extract import as_text
 from moee_jax.inference.animator import Animator
 from moee_jax.inference.inputs import EmotionSpec, Speech
 
@@ -148,13 +147,13 @@ def portrait_and_speech(
 
     source = open_source(data_dir, dataset, split)
     records = (source[i] for i in range(len(source)))
-    record = next((r for r in records if as_text(r["emotion"]) == "neutral"), None) or source[0]
+    record = next((r for r in records if schema.text_field(r["emotion"]) == "neutral"), None) or source[0]
     frame = schema.decode_frames(record["frames"], [0])[0]
     portrait = np.asarray(Image.fromarray(frame).resize((size, size), Image.Resampling.BOX))
     audio = np.asarray(record["audio"], np.float32)
     if seconds is not None:
         audio = audio[: int(round(seconds * SAMPLE_RATE))]
-    return portrait, Speech(audio, pathlib.Path(f"{dataset}/{split}/{as_text(record['id'])}"))
+    return portrait, Speech(audio, pathlib.Path(f"{dataset}/{split}/{schema.text_field(record['id'])}"))
 
 
 def _weights(spec: EmotionSpec) -> np.ndarray:

@@ -54,6 +54,7 @@ from collections.abc import Callable, Mapping
 import numpy as np
 
 from moee_jax.atomic import atomic_write, atomic_write_text
+from moee_jax.data import schema
 from moee_jax.data.audio import clip_windows
 
 MANIFEST = "features.json"
@@ -185,10 +186,6 @@ def record_in_run(stage_dir, manifest: dict | None) -> None:
 # ---- building ----------------------------------------------------------------------------------------
 
 
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _put(archive: zipfile.ZipFile, name: str, array: np.ndarray) -> None:
     with archive.open(name + ".npy", "w", force_zip64=True) as f:
         np.lib.format.write_array(f, np.ascontiguousarray(array), allow_pickle=False)
@@ -252,7 +249,7 @@ def build_feature_cache(
         with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as archive:
             for i in range(total):
                 record = source[i]
-                rid = _text(record["id"])
+                rid = schema.text_field(record["id"])
                 clash = [k for k, ids in others.items() if rid in ids]
                 if rid in seen or clash:
                     raise FeatureCacheError(
@@ -267,7 +264,7 @@ def build_feature_cache(
                                                       fps=float(record["fps"]), num_frames=len(record["frames"]))  # fmt: skip
                         _put(archive, f"{rid}/audio", frames)
                     if text_bundle is not None:
-                        features, mask = text_bundle.encode([_text(record["text"])], max_length=int(text_length))
+                        features, mask = text_bundle.encode([schema.text_field(record["text"])], max_length=int(text_length))
                         _put(archive, f"{rid}/text", features[0].astype(np.float32))
                         _put(archive, f"{rid}/text_mask", mask[0].astype(np.bool_))
                 except ValueError as e:

@@ -231,11 +231,6 @@ class ClipIndex:
         return len(self.num_frames)
 
 
-def _text(value) -> str:
-    """A record's string field (TFDS gives ``bytes``)."""
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def _index_from(data: dict) -> ClipIndex:
     speakers = tuple(data["speakers"])
     return ClipIndex(*(np.asarray(data[k], np.int64) for k in ("num_frames", "emotion_class", "frame_size", "speaker")), speakers)
@@ -254,7 +249,7 @@ def clip_index(source, cache: str | pathlib.Path | None = None) -> ClipIndex:
         n.append(len(record["frames"]))
         e.append(int(record["emotion_class"]))
         s.append(schema.decode_frames(record["frames"], [0]).shape[1] if len(record["frames"]) else 0)
-        who.append(_text(record["speaker"]))
+        who.append(schema.text_field(record["speaker"]))
     speakers = sorted(set(who))
     data = {"num_records": len(source), "num_frames": n, "emotion_class": e, "frame_size": s,
             "speaker": [speakers.index(w) for w in who], "speakers": speakers}  # fmt: skip
@@ -446,13 +441,13 @@ class MakeSample(grain.transforms.RandomMap):
         if self.size != self.stored_size:
             frames = resize_frames(frames, self.size)
             landmarks = landmarks * (self.size / self.stored_size)
-        groups = schema.layout_groups(_text(record["landmark_layout"]))
+        groups = schema.layout_groups(schema.text_field(record["landmark_layout"]))
         size, small = self.size, self.size // cfg.mask_downsample
         try:
             face, lip = masks_lib.masks_from_landmarks(landmarks, size, size, groups["face_oval"], groups["lips"])
             mouth = masks_lib.mouth_mask(landmarks, size, size, groups["lips"], cfg.mouth_scale)
         except ValueError as e:
-            clip_id = _text(record["id"])
+            clip_id = schema.text_field(record["id"])
             raise ValueError(f"clip {clip_id!r} (record {clip_key}): {e}") from e
         regions = masks_lib.region_masks(face, lip, (small, small))
         mouth_small = _any_pool(mouth, cfg.mask_downsample)
@@ -463,7 +458,7 @@ class MakeSample(grain.transforms.RandomMap):
         drop_all = rng.random() < cfg.drop_all_p
         drops = [drop_all or rng.random() < p for p in (cfg.drop_reference_p, cfg.drop_audio_p, cfg.drop_emotion_p)]
         # Records written before the speech_emotion feature have a voice that matches the face.
-        voice_matches = "speech_emotion" not in record or _text(record["speech_emotion"]) == _text(record["emotion"])
+        voice_matches = "speech_emotion" not in record or schema.text_field(record["speech_emotion"]) == schema.text_field(record["emotion"])
         emotion_drop = self._emotion_modes(drops[2], rng, voice_matches)
 
         audio = audio_window(np.asarray(record["audio"], np.float32), float(record["fps"]), s - cfg.audio_context_frames,
@@ -498,14 +493,14 @@ class MakeSample(grain.transforms.RandomMap):
             "reference_index": np.int32(r),
         }
         if self.tokenizer is not None:
-            text = _text(record["text"])
+            text = schema.text_field(record["text"])
             ids = np.zeros(cfg.text_length, np.int32)
             tokens = list(self.tokenizer(text))[: cfg.text_length]
             ids[: len(tokens)] = tokens
             sample["text"] = ids
             sample["text_mask"] = (np.arange(cfg.text_length) < len(tokens)).astype(np.bool_)
         if self.features is not None:
-            sample.update(self.features.clip(_text(record["id"]), s, f, cfg.audio_context_frames, n))
+            sample.update(self.features.clip(schema.text_field(record["id"]), s, f, cfg.audio_context_frames, n))
         return sample
 
 

@@ -109,6 +109,11 @@ def encode_frame(frame: np.ndarray, fmt: str = "png", quality: int = 95) -> byte
     return buf.getvalue()
 
 
+def text_field(value) -> str:
+    """A record's string field as ``str`` (``tfds.data_source`` and grain give ``bytes``)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 def decode_frames(encoded: Sequence[bytes], indices: Sequence[int] | None = None) -> np.ndarray:
     """Decode frames (all, or ``indices``) to ``(n, S, S, 3)`` uint8."""
     from PIL import Image

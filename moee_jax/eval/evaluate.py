@@ -170,40 +170,43 @@ def ground_truth_ceiling(
         clips = tests[speaker]
         truth = np.asarray(clips["neutral"]["identity"], np.float32)
 
-        def read(record, truth=truth):
-            frames = resize_frames(schema.decode_frames(record["frames"]) if isinstance(record, dict) else record.frames, size)
+        def read(clip, truth=truth):
+            frames, audio = clip
+            frames = resize_frames(frames, size)
             if round_trip is not None:
                 frames = round_trip(frames)
             pred = reader.predict(frames)
-            audio = np.asarray(record["audio"] if isinstance(record, dict) else record.audio, np.float32)
             sync.append(M.lip_sync(pred["mouth"], audio, fps))
             identity.append(M.identity_error(pred["identity"], truth))
             return pred
 
         def truth_of(emotion: str, spec: str | None = None, clips=clips):
+            """``(frames (F, S, S, 3), audio)`` of the ground truth, or None."""
             if labelled:
                 from moee_jax.data.builders.synthetic_talking_faces import speech_matched_clip
 
-                return speech_matched_clip(clips["neutral"], spec or emotion, 0.0 if emotion == schema.NEUTRAL else 1.0)
-            return clips.get(emotion) if spec is None else compound_record(clips, spec)
+                clip = speech_matched_clip(clips["neutral"], spec or emotion, 0.0 if emotion == schema.NEUTRAL else 1.0)
+                return None if clip is None else (clip.frames, clip.audio)
+            record = clips.get(emotion) if spec is None else compound_record(clips, spec)
+            return None if record is None else (schema.decode_frames(record["frames"]), np.asarray(record["audio"], np.float32))
 
         basic_aus = {}
         for emotion in schema.CLASSES:
-            record = truth_of(emotion)
-            if record is None:
+            clip = truth_of(emotion)
+            if clip is None:
                 missing.append(f"{speaker}/{emotion}")
                 continue
-            pred = read(record)
+            pred = read(clip)
             probs.append(pred["probs"])
             targets.append(emotion)
             aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(emotion, 1.0)[2]))
             basic_aus[emotion] = pred["aus"]
         for compound, spec in settings.compounds.items():
-            record = truth_of(compound, spec)
-            if record is None:
+            clip = truth_of(compound, spec)
+            if clip is None:
                 missing.append(f"{speaker}/{spec}")
                 continue
-            pred = read(record)
+            pred = read(clip)
             compounds.append(M.compound_components(pred["aus"], compound, probs=pred["probs"]))
             false_positives += component_alone_judgements(basic_aus, compound)
     summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus,
@@ -268,7 +271,7 @@ def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *,
 
     def job_of(item):
         record = item.speech
-        speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{item.speaker}/{_text(record['id'])}"))
+        speech = Speech(np.asarray(record["audio"], np.float32), pathlib.Path(f"{item.speaker}/{schema.text_field(record['id'])}"))
         return animator.prepare(item.portrait, speech, item.spec, steps=settings.steps, sampler=settings.sampler,
                                 guidance=dict(settings.guidance), seed=settings.seed, detect=False,
                                 motion=settings.motion)  # fmt: skip
@@ -411,10 +414,6 @@ def evaluate_run(
     if sheet_path is not None:
         contact_sheet([(it.tag, v) for it, v in zip(items, videos) if it.speaker == speakers[0] and it.kind != "speech"], sheet_path)
     return summary
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def contact_sheet(rows: Sequence[tuple[str, np.ndarray]], path: str | pathlib.Path, columns: int = 8) -> None:

@@ -228,18 +228,14 @@ def speech_matched_clip(record: dict, emotion: str, intensity: float = 1.0) -> s
     version): the truth cannot be drawn then.
     """
     try:
-        identity, _, _, seed = parse_clip_id(_text(record["id"]))
+        identity, _, _, seed = parse_clip_id(schema.text_field(record["id"]))
     except ValueError:
         return None
     audio = np.asarray(record["audio"], np.float32)
     frame = schema.decode_frames(record["frames"], [0])[0]
-    voice = _text(record.get("speech_emotion", b"")) or _text(record["emotion"])  # older records: the face's own voice
+    voice = schema.text_field(record.get("speech_emotion", b"")) or schema.text_field(record["emotion"])  # older records: the face's own voice
     clip = synthetic.generate_clip(identity, emotion, float(intensity), seed=seed, num_frames=len(record["frames"]),
                                    fps=float(record["fps"]), size=frame.shape[:2], text=False, speech_emotion=voice)  # fmt: skip
     if clip.audio.shape != audio.shape or not np.allclose(clip.audio, audio, atol=1e-6):
         return None
     return clip
-
-
-def _text(value) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
