@@ -40,6 +40,27 @@ def test_a_missing_shipped_checkpoint_is_a_clear_error(tmp_path):
     assert not (tmp_path / "demo").exists()  # nothing created for a failed command
 
 
+def test_an_interrupted_stage_stops_the_demo_with_how_to_resume_instead_of_starting_the_next(tmp_path, monkeypatch):
+    import moee_jax.demo as D
+    from moee_jax.train import trainer
+
+    started = []
+
+    class Interrupted:
+        def __init__(self, config, run_dir):
+            started.append(config)
+
+        def run(self):
+            n = len(started)
+            return trainer.TrainResult("stage", 10, 3 if n == 2 else 10, {}, "", interrupted=n == 2, skipped_steps=0)
+
+    monkeypatch.setattr(D, "build_data", lambda config, data_dir, held_out_only: "synthetic_talking_faces/x")
+    monkeypatch.setattr(trainer, "Trainer", Interrupted)
+    with pytest.raises(D.DemoError, match=r"stage1 was interrupted at step 3 .* run the same command again to resume"):
+        D.run_demo(demo.get_config("cpu"), tmp_path / "demo", from_scratch=True)
+    assert len(started) == 2  # vae, then stage1; stage2 never started
+
+
 def test_without_the_shipped_checkpoint_the_demo_trains_the_short_recipe():
     from moee_jax.demo import short_recipe
 
