@@ -164,7 +164,11 @@ def compound_components(
     palettes of ``happily_surprised`` and ``sadly_fearful`` from 24 identities outside every
     training split (32² from 64²): both components found in 0.83 of the clips (0.58 with a
     3,000-step reader, fear's lid tightener AU7 and lip stretcher AU20 failing first), while none
-    of the 96 clips showing one component alone was judged to show both. The evaluation reports
+    of the 96 clips showing one component alone was judged to show both. On another 24 such
+    identities (seeds 50,000–50,023) the same reader finds both in 0.75 (happily surprised 22/24,
+    sadly fearful 14/24 with the face's own voice and with a neutral one alike: under sadness's lip
+    corner depressor it reads fear's lip stretcher at 0.11–0.25 where 0.45 is drawn), so the check's
+    ceiling on sadly fearful faces is the reader's, not the voice's. The evaluation reports
     that false-alarm rate on generated clips too (:func:`moee_jax.eval.evaluate.score_items`).
     Compounds whose components are antagonistic (``happily_disgusted``, ``angrily_surprised``)
     are rarely recognised by the AUs at all.
