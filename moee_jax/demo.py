@@ -137,9 +137,8 @@ def _run(config: ConfigDict, out: pathlib.Path, shipped: pathlib.Path | None) ->
                 c.train.print_every = int(c.train.log_every) * max(1, -(-steps // (8 * int(c.train.log_every))))
             with console.phase(stage, f"{steps} steps → {run_dir / stage}" if steps else "nothing to train") as p:
                 result = Trainer(c, run_dir).run()
-                if result.interrupted:  # a later stage must not start from a stage that did not finish
-                    raise DemoError(f"{stage} was interrupted at step {result.final_step} of {steps}; its checkpoint is saved "
-                                    f"in {run_dir / stage}: run the same command again to resume")  # fmt: skip
+                if why := result.interruption(steps):  # a later stage must not start from a stage that did not finish
+                    raise DemoError(why)
                 jsonl = run_dir / stage / "metrics.jsonl"
                 logged = [json.loads(line) for line in jsonl.read_text().splitlines()] if jsonl.exists() else []
                 if logged:

@@ -48,17 +48,18 @@ def test_an_interrupted_stage_stops_the_demo_with_how_to_resume_instead_of_start
 
     class Interrupted:
         def __init__(self, config, run_dir):
-            started.append(config)
+            started.append(config.stage)
+            self.run_dir = run_dir
 
         def run(self):
             n = len(started)
-            return trainer.TrainResult("stage", 10, 3 if n == 2 else 10, {}, "", interrupted=n == 2, skipped_steps=0)
+            return trainer.TrainResult(started[-1], 10, 3 if n == 2 else 10, {}, str(self.run_dir), interrupted=n == 2, skipped_steps=0)
 
     monkeypatch.setattr(D, "build_data", lambda config, data_dir, held_out_only: "synthetic_talking_faces/x")
     monkeypatch.setattr(trainer, "Trainer", Interrupted)
-    with pytest.raises(D.DemoError, match=r"stage1 was interrupted at step 3 .* run the same command again to resume"):
+    with pytest.raises(D.DemoError, match=r"stage1 was interrupted at step 3 of 4000; .*run/stage1: run the same command again to resume"):
         D.run_demo(demo.get_config("cpu"), tmp_path / "demo", from_scratch=True)
-    assert len(started) == 2  # vae, then stage1; stage2 never started
+    assert started == ["vae", "stage1"]  # stage2 never started
 
 
 def test_without_the_shipped_checkpoint_the_demo_trains_the_short_recipe():

@@ -123,6 +123,30 @@ def test_each_ablation_changes_only_its_piece_and_starts_from_the_runs_stage1(sy
         A.variant_config(base, tmp_path / "shipped", "full")
 
 
+def test_an_interrupted_ablation_variant_is_not_scored_and_says_how_to_resume(synthetic_tfds, tmp_path, monkeypatch):
+    from moee_jax.checkpoint import run as run_lib
+    from moee_jax.train import trainer
+
+    (tmp_path / "stage1" / "final" / "params").mkdir(parents=True)
+    base = stage_config("stage2", synthetic_tfds[0])
+    scored = []
+
+    class Interrupted:
+        def __init__(self, config, run_dir):
+            self.run_dir = run_dir
+
+        def run(self):
+            return trainer.TrainResult("stage2", 4, 4, {}, str(self.run_dir), True, 0)
+
+    monkeypatch.setattr(run_lib, "resolve_checkpoint", lambda run_dir: run_dir)
+    monkeypatch.setattr(run_lib, "load_run_config", lambda path: base)
+    monkeypatch.setattr(trainer, "Trainer", Interrupted)
+    monkeypatch.setattr(A, "evaluate_run", lambda *a, **k: scored.append(a) or {})
+    with pytest.raises(trainer.TrainingError, match=r"ablation no_moe: stage2 was interrupted at step 4 of \d+; .*no_moe/stage2: run the same"):
+        A.run_ablations(tmp_path, tmp_path / "ablate", reader=None, variants=("no_moe",))
+    assert not scored and not (tmp_path / "ablate" / "no_moe" / "metrics.json").exists()
+
+
 def test_ablation_table_has_the_papers_form_with_the_best_value_in_bold():
     results = {
         "full": {"headline": {"emotion_accuracy": 0.9, "au_mae": 0.1, "lip_sync_pearson": 0.5, "identity_mae": 0.2}},

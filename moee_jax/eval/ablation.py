@@ -94,7 +94,7 @@ def run_ablations(
     ``OUT/<variant>/`` and resume like any run. Returns ``{variant: summary}`` plus ``table`` (markdown).
     """
     from moee_jax.checkpoint.run import load_run_config, resolve_checkpoint
-    from moee_jax.train.trainer import Trainer
+    from moee_jax.train.trainer import Trainer, TrainingError
 
     settings = settings or EvalSettings()
     run_dir, out = pathlib.Path(run_dir).absolute(), pathlib.Path(out_dir).absolute()
@@ -109,7 +109,9 @@ def run_ablations(
             variant_run = run_dir
         else:
             variant_run = out / variant
-            Trainer(c, variant_run).run()
+            # an unfinished variant must not be scored (and its score kept as if it had finished)
+            if why := Trainer(c, variant_run).run().interruption(int(c.train.steps)):
+                raise TrainingError(f"ablation {variant}: {why}; the variants already scored are kept")
         train_s = time.perf_counter() - t0
         scored = out / variant / "metrics.json"  # a variant scored with these settings is not scored again
         summary = json.loads(scored.read_text()) if scored.is_file() else None

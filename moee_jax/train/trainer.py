@@ -65,6 +65,14 @@ class TrainResult:
     interrupted: bool
     skipped_steps: int
 
+    def interruption(self, total_steps: int) -> str | None:
+        """None when the stage ran to its end; else what stopped where and how to resume (SIGTERM or
+        Ctrl-C saved the checkpoint), for a caller that must not go on from an unfinished stage."""
+        if not self.interrupted:
+            return None
+        return (f"{self.stage} was interrupted at step {self.final_step} of {total_steps}; its checkpoint is saved in "
+                f"{pathlib.Path(self.run_dir) / self.stage}: run the same command again to resume")
+
 
 def _lpips(config) -> tuple[Callable | None, dict | None]:
     """LPIPS module + params when ``config.train.perceptual`` names weights; else (None, None) + warning."""
