@@ -142,7 +142,8 @@ def test_an_interrupted_ablation_variant_is_not_scored_and_says_how_to_resume(sy
     monkeypatch.setattr(run_lib, "load_run_config", lambda path: base)
     monkeypatch.setattr(trainer, "Trainer", Interrupted)
     monkeypatch.setattr(A, "evaluate_run", lambda *a, **k: scored.append(a) or {})
-    with pytest.raises(trainer.TrainingError, match=r"ablation no_moe: stage2 was interrupted at step 4 of \d+; .*no_moe/stage2: run the same"):
+    expected = r"ablation no_moe: stage2 was interrupted at step 4 of \d+; .*no_moe/stage2: run the same"
+    with pytest.raises(trainer.TrainingError, match=expected):
         A.run_ablations(tmp_path, tmp_path / "ablate", reader=None, variants=("no_moe",))
     assert not scored and not (tmp_path / "ablate" / "no_moe" / "metrics.json").exists()
 
