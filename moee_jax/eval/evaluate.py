@@ -302,47 +302,66 @@ def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *,
     return [videos[i] for i in range(len(items))]
 
 
-def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float) -> dict:
+def judge_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float) -> list[dict]:
+    """Each rendered video ``(F, S, S, 3)`` read once and judged on its own, one dict per item:
+    ``speaker``, ``tag``, ``kind``, ``target``, the reader's ``aus (F, 11)`` and ``probs (F, 7)``;
+    ``predicted`` (the class of the mean probability, as :func:`metrics.emotion_accuracy` takes it) for
+    basic and speech items; ``action_units`` (:func:`metrics.au_error`) for basic items; ``compound``
+    (:func:`metrics.compound_components`) for compound items; ``lip_sync`` and ``identity`` for every
+    labelled or compound item. :func:`score_items` sums these up; paired comparisons of two renders
+    of the same items (:mod:`moee_jax.eval.sampler_study`) read them clip by clip."""
+    judged = []
+    for item, frames in zip(items, videos):
+        pred = reader.predict(frames)
+        j = {"speaker": item.speaker, "tag": item.tag, "kind": item.kind, "target": item.target, "aus": pred["aus"], "probs": pred["probs"]}
+        if item.kind in ("basic", "speech"):
+            j["predicted"] = M.CLASSES[int(np.argmax(np.asarray(pred["probs"]).mean(0)))]
+        if item.kind == "basic":
+            j["action_units"] = M.au_error(pred["aus"], synthetic.resolve_emotion(item.target, 1.0)[2])
+        elif item.kind == "compound":
+            j["compound"] = M.compound_components(pred["aus"], item.target, probs=pred["probs"])
+        if item.kind != "speech":
+            j["lip_sync"] = M.lip_sync(pred["mouth"], np.asarray(item.speech["audio"], np.float32), fps)
+            j["identity"] = M.identity_error(pred["identity"], item.identity)
+        judged.append(j)
+    return judged
+
+
+def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float, *,
+                judged: Sequence[dict] | None = None) -> dict:  # fmt: skip
     """A :func:`metrics.summarize` dict of rendered ``videos`` (one per item), plus ``label_effect``
     (mean absolute pixel change, 0–255, of each basic emotion's video against the neutral video of the
     same speaker, portrait, speech and noise) and ``speech_only`` where there are speech items. The
     basic clips of each compound's components are also judged as that compound (its false alarms,
-    ``compounds.false_positive_rate``)."""
-    probs, targets, aus, compounds, sync, identity = [], [], [], [], [], []
-    speech_probs, speech_targets, label_effect = [], [], []
-    basic_aus: dict[str, dict[str, np.ndarray]] = {}  # speaker → class → read AUs
+    ``compounds.false_positive_rate``). ``judged``: the items' :func:`judge_items`, when already read."""
+    judged = judge_items(reader, items, videos, fps) if judged is None else judged
     neutral = {it.speaker: v for it, v in zip(items, videos) if it.kind == "basic" and it.tag == schema.NEUTRAL}
-    for item, frames in zip(items, videos):
-        pred = reader.predict(frames)
-        if item.kind == "speech":
-            speech_probs.append(pred["probs"])
-            speech_targets.append(item.target)
-            continue
-        if item.kind == "basic":
-            probs.append(pred["probs"])
-            targets.append(item.target)
-            aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(item.target, 1.0)[2]))
-            basic_aus.setdefault(item.speaker, {})[item.target] = pred["aus"]
-            if item.target != schema.NEUTRAL and item.speaker in neutral:
-                label_effect.append(float(np.abs(frames.astype(np.float32) - neutral[item.speaker].astype(np.float32)).mean()))
-        else:
-            compounds.append(M.compound_components(pred["aus"], item.target, probs=pred["probs"]))
-        sync.append(M.lip_sync(pred["mouth"], np.asarray(item.speech["audio"], np.float32), fps))
-        identity.append(M.identity_error(pred["identity"], item.identity))
+    basic = [j for j in judged if j["kind"] == "basic"]
+    speech = [j for j in judged if j["kind"] == "speech"]
+    scored = [j for j in judged if j["kind"] != "speech"]
+    basic_aus: dict[str, dict[str, np.ndarray]] = {}  # speaker → class → read AUs
+    for j in basic:
+        basic_aus.setdefault(j["speaker"], {})[j["target"]] = j["aus"]
+    label_effect = [float(np.abs(frames.astype(np.float32) - neutral[item.speaker].astype(np.float32)).mean())
+                    for item, frames in zip(items, videos)
+                    if item.kind == "basic" and item.target != schema.NEUTRAL and item.speaker in neutral]  # fmt: skip
     false_positives = []  # the basic clips of each compound's components, judged as that compound
     for it in items:
         if it.kind == "compound":
             false_positives += component_alone_judgements(basic_aus.get(it.speaker, {}), it.target)
-    summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus, compounds=compounds,
-                          compound_false_positives=false_positives, lip_sync=sync, identity=identity)  # fmt: skip
+    emotion = M.emotion_accuracy([j["probs"] for j in basic], [j["target"] for j in basic]) if basic else None
+    summary = M.summarize(emotion=emotion, action_units=[j["action_units"] for j in basic],
+                          compounds=[j["compound"] for j in judged if j["kind"] == "compound"],
+                          compound_false_positives=false_positives, lip_sync=[j["lip_sync"] for j in scored],
+                          identity=[j["identity"] for j in scored])  # fmt: skip
     if label_effect:
         summary["label_effect"] = {"mean_abs_pixel_change": float(np.mean(label_effect)), "num_clips": len(label_effect),
                                    "units": "0-255, each emotion's video against the neutral one, same portrait, speech and noise"}  # fmt: skip
         summary["headline"]["label_pixel_change"] = summary["label_effect"]["mean_abs_pixel_change"]
-    if speech_probs:
-        speech = M.emotion_accuracy(speech_probs, speech_targets)
-        summary["speech_only"] = {k: v for k, v in speech.items() if k != "predictions"}
-        summary["headline"]["speech_only_accuracy"] = speech["accuracy"]
+    if speech:
+        result = M.emotion_accuracy([j["probs"] for j in speech], [j["target"] for j in speech])
+        summary["speech_only"] = {k: v for k, v in result.items() if k != "predictions"}
+        summary["headline"]["speech_only_accuracy"] = result["accuracy"]
     return summary
 
 
