@@ -2,7 +2,8 @@
 rendered with each ``--settings`` (the first is the reference, 40-step DDIM by default), scored,
 and compared clip by clip with the reference (:mod:`moee_jax.eval.sampler_study`). Prints one
 markdown table and writes a JSON file; names the fewest DPM-Solver++(2M) steps whose emotion
-accuracy, compounds-both-present rate and lip-sync r stay within ``--tolerance`` of the reference.
+accuracy, compounds-both-present rate and lip-sync r lose no more than ``--tolerance`` against the
+reference (a gain is not a miss; :func:`moee_jax.eval.sampler_study.within`).
 
 Every setting renders the same items from the same noise, so each difference is paired: its
 standard error is that of the per-clip changes, not of two independent accuracies.
@@ -45,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"SAMPLER:STEPS,… the first is the reference (default {DEFAULT_SETTINGS})")
     p.add_argument("--speakers", type=int, default=0, help="the first N held-out identities (default 0: all)")
     p.add_argument("--batches", type=int, default=3, help="equal batches per setting (default 3; the first compiles)")
-    p.add_argument("--tolerance", type=float, default=0.02, help="the largest paired difference accepted (default 0.02)")
+    p.add_argument("--tolerance", type=float, default=0.02, help="the largest paired loss accepted on each measure (default 0.02)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every setting")
     p.add_argument("--out", default="sampler_steps.json", help="the JSON file written")
     return p.parse_args(argv)
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
 
     S.run_study(animator, reader, items, settings, base, batch_size=batch_size, on_row=on_row)
     fewest = S.fewest_steps(rows[1:], "dpmpp_2m", args.tolerance)
-    verdict = (f"fewest DPM-Solver++(2M) steps within {args.tolerance} of {settings[0]} on every measure: "
+    verdict = (f"fewest DPM-Solver++(2M) steps losing at most {args.tolerance} against {settings[0]} on every measure: "
                + (str(fewest) if fewest is not None else "none of those tried"))  # fmt: skip
     print(verdict)
     write(verdict, fewest)

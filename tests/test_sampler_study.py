@@ -1,0 +1,117 @@
+"""The step-count study (`benchmarks/sampler_steps.py`): settings parsed strictly, renders of the same
+clips compared clip by clip, and the fewest DPM-Solver++ steps chosen only where every larger count
+also holds."""
+
+from __future__ import annotations
+
+import pathlib
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from moee_jax.eval import sampler_study as S
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+
+def judged(speaker, tag, kind, *, predicted=None, both=None, r=0.8):
+    """One :func:`moee_jax.eval.evaluate.judge_items` entry with the fields the comparison reads."""
+    j = {"speaker": speaker, "tag": tag, "kind": kind, "target": tag, "lip_sync": {"pearson": r}}
+    if kind == "basic":
+        j["predicted"] = predicted
+    if kind == "compound":
+        j["compound"] = {"both_present": both}
+    return j
+
+
+def render(correct: list[bool], both: list[bool], rs: list[float]):
+    """Judgements of len(correct) basic clips ('anger' each, read right or as 'sadness'), compound clips."""
+    out = [judged(f"s{i}", "anger", "basic", predicted="anger" if ok else "sadness", r=rs[i]) for i, ok in enumerate(correct)]
+    out += [judged(f"s{i}", "happily_surprised", "compound", both=b, r=0.5) for i, b in enumerate(both)]
+    return out
+
+
+def test_a_setting_is_sampler_colon_steps_and_anything_else_names_the_text():
+    assert S.Setting.parse("dpmpp_2m:10") == S.Setting("dpmpp_2m", 10)
+    assert str(S.Setting.parse(" ddim:40 ")) == "ddim:40"
+    for bad in ("ddim", "ddim:0", "euler:10", "ddim:ten"):
+        with pytest.raises(ValueError, match=repr(bad)):
+            S.Setting.parse(bad)
+
+
+def test_paired_differences_count_changed_clips_and_their_standard_error():
+    ref = render([True, True, False, False], [True, False], [0.8, 0.8, 0.8, 0.8])
+    cand = render([True, False, True, False], [True, True], [0.9, 0.8, 0.8, 0.7])
+    d = S.paired_difference(ref, cand)
+    assert d["emotion"]["delta"] == 0.0 and d["emotion"]["n"] == 4
+    assert d["emotion"]["changed"] == 0.5  # two clips read differently, one gained and one lost
+    assert d["emotion"]["se"] == pytest.approx(np.std([0, -1, 1, 0], ddof=1) / 2)
+    assert d["compounds"]["delta"] == 0.5 and d["compounds"]["changed"] == 0.5
+    assert d["lip_sync"]["delta"] == pytest.approx(0.0) and d["lip_sync"]["n"] == 6
+
+
+def test_identical_renders_differ_by_zero_with_zero_error_and_are_within_any_tolerance():
+    ref = render([True, False, True], [False, True], [0.1, 0.5, 0.9])
+    d = S.paired_difference(ref, [dict(j) for j in ref])
+    assert {m: d[m]["delta"] for m in d} == {"emotion": 0.0, "compounds": 0.0, "lip_sync": 0.0}
+    assert d["emotion"]["se"] == 0.0 and d["emotion"]["changed"] == 0.0
+    assert S.within(d, 0.0)
+
+
+def test_renders_of_different_clips_cannot_be_compared():
+    ref = render([True, True], [True], [0.8, 0.8])
+    with pytest.raises(ValueError, match="different items"):
+        S.paired_difference(ref, ref[:-1])
+
+
+def _row(sampler, steps, emotion_delta):
+    diff = {"emotion": {"delta": emotion_delta}, "compounds": {"delta": 0.0}, "lip_sync": {"delta": 0.01}}
+    return {"sampler": sampler, "steps": steps, "paired": diff}
+
+
+def test_the_fewest_steps_lose_no_more_than_the_tolerance_and_neither_does_any_larger_count():
+    rows = [_row("dpmpp_2m", 20, 0.0), _row("dpmpp_2m", 10, -0.01), _row("dpmpp_2m", 5, -0.1), _row("ddim", 2, 0.0)]
+    assert S.fewest_steps(rows, "dpmpp_2m", 0.02) == 10
+    assert S.fewest_steps(rows, "dpmpp_2m", 0.2) == 5  # the loss of 0.1 at 5 steps is allowed
+    lucky = [_row("dpmpp_2m", 20, 0.0), _row("dpmpp_2m", 10, -0.05), _row("dpmpp_2m", 5, 0.0)]
+    assert S.fewest_steps(lucky, "dpmpp_2m", 0.02) == 20  # 5 passes between failing 10: not chosen
+    assert S.fewest_steps([_row("dpmpp_2m", 5, 0.036)], "dpmpp_2m", 0.02) == 5  # a gain is not a loss of quality
+    assert S.fewest_steps([_row("dpmpp_2m", 20, -0.5)], "dpmpp_2m", 0.02) is None
+
+
+def test_a_row_prints_as_one_table_line_with_paired_deltas():
+    row = {"sampler": "dpmpp_2m", "steps": 10, "s_per_frame": 0.1234, "s_per_frame_all": 0.2,
+           "headline": {"emotion_accuracy": 0.5, "compound_both_present_rate": 0.25, "lip_sync_pearson": 0.8},
+           "paired": S.paired_difference(render([True], [True], [0.8]), render([False], [True], [0.7]))}  # fmt: skip
+    line = S.format_row(row)
+    assert line.startswith("| dpmpp_2m:10 | 0.500 | -1.000 ± – | 1.000 | 0.250 |") and line.count("|") == S.TABLE_HEADER.splitlines()[0].count("|")
+    assert "(reference)" in S.format_row({k: v for k, v in row.items() if k != "paired"})
+
+
+def test_the_benchmark_refuses_a_bad_setting_before_loading_anything():
+    result = subprocess.run([sys.executable, "benchmarks/sampler_steps.py", "--settings", "ddim:40,dpm:10"], cwd=REPO, capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.returncode != 0 and "--settings" in result.stderr and "'dpm:10'" in result.stderr
+
+
+@pytest.mark.slow  # renders 8 clips twice (~4 CPU minutes)
+def test_the_study_renders_each_setting_on_the_same_clips_and_pairs_them_with_the_first(tiny_run, synthetic_tfds):
+    from moee_jax.eval import evaluate as E
+    from moee_jax.eval import reader as R
+    from moee_jax.inference.animator import Animator
+
+    reader = R.train_reader(32, steps=3, batch_size=8, num_clips=8, frames_per_clip=4, num_identities=8, frames_per_identity=2)
+    animator = Animator.from_run(tiny_run)
+    tests = E.held_out_clips(*synthetic_tfds)
+    base = E.EvalSettings(compounds={"happily_surprised": "happy:0.5,surprised:0.5"})
+    items = E.held_out_items(tests, animator.size, base, sorted(tests)[:1], speech_only=False)
+    seen = []
+    rows = S.run_study(animator, reader, items, [S.Setting("ddim", 1), S.Setting("ddim", 1)], base, batch_size=4, on_row=seen.append)
+    assert seen == rows and [r["steps"] for r in rows] == [1, 1] and "paired" not in rows[0]
+    same = rows[1]["paired"]  # the same setting twice: the same noise gives the same clips
+    assert same["emotion"]["changed"] == 0.0 and same["emotion"]["n"] == 7 and same["compounds"]["n"] == 1
+    assert abs(same["lip_sync"]["delta"]) < 1e-6
+    assert rows[0]["frames"] == rows[1]["frames"] > 0
+    assert rows[0]["s_per_frame"] > 0  # from the second batch of 4: the first compiled the sampler
