@@ -60,6 +60,17 @@ def test_identical_renders_differ_by_zero_with_zero_error_and_are_within_any_tol
     assert S.within(d, 0.0)
 
 
+def test_compact_judgements_compare_as_the_full_ones_and_are_json_ready():
+    import json
+
+    ref = render([True, False, True], [False, True], [0.1, 0.5, 0.9])
+    cand = render([False, False, True], [True, True], [0.2, 0.5, 0.8])
+    for j in ref + cand:
+        j["aus"] = np.zeros((4, 11))  # what judge_items also carries, and compact drops
+    assert S.paired_difference(S.compact(ref), S.compact(cand)) == S.paired_difference(ref, cand)
+    json.dumps(S.compact(ref))
+
+
 def test_renders_of_different_clips_cannot_be_compared():
     ref = render([True, True], [True], [0.8, 0.8])
     with pytest.raises(ValueError, match="different items"):
@@ -113,5 +124,5 @@ def test_the_study_renders_each_setting_on_the_same_clips_and_pairs_them_with_th
     same = rows[1]["paired"]  # the same setting twice: the same noise gives the same clips
     assert same["emotion"]["changed"] == 0.0 and same["emotion"]["n"] == 7 and same["compounds"]["n"] == 1
     assert abs(same["lip_sync"]["delta"]) < 1e-6
-    assert rows[0]["frames"] == rows[1]["frames"] > 0
+    assert rows[0]["frames"] == rows[1]["frames"] > 0 and len(rows[0]["clips"]) == len(items)
     assert rows[0]["s_per_frame"] > 0  # from the second batch of 4: the first compiled the sampler

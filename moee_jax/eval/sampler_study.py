@@ -99,6 +99,22 @@ def paired_difference(reference: Sequence[dict], candidate: Sequence[dict]) -> d
     return out
 
 
+def compact(judged: Sequence[dict]) -> list[dict]:
+    """The fields of :func:`~moee_jax.eval.evaluate.judge_items` entries that :func:`paired_difference`
+    reads, JSON-ready: a study's rows keep them (``clips``) so any two settings can be compared later."""
+    out = []
+    for j in judged:
+        c = {k: j[k] for k in ("speaker", "tag", "kind", "target") if k in j}
+        if "predicted" in j:
+            c["predicted"] = j["predicted"]
+        if "compound" in j:
+            c["compound"] = {"both_present": bool(j["compound"]["both_present"])}
+        if "lip_sync" in j:
+            c["lip_sync"] = {"pearson": float(j["lip_sync"]["pearson"])}
+        out.append(c)
+    return out
+
+
 def within(diff: dict, tolerance: float) -> bool:
     """No measured difference of a :func:`paired_difference` is a loss of more than ``tolerance``:
     every ``delta`` ≥ −``tolerance`` (all three measures are better when higher). A gain is not a
@@ -134,8 +150,8 @@ def run_study(animator, reader, items: Sequence[E.EvalItem], settings: Sequence[
     """Render and judge ``items`` once per setting (the first is the reference), with ``base``'s
     guidance, seed and motion; returns one row per setting: ``sampler``, ``steps``, ``headline``
     (:func:`~moee_jax.eval.evaluate.score_items`'s), ``s_per_frame`` (batches after the first),
-    ``s_per_frame_all`` (compilation included), ``frames``, ``seconds`` and, after the first,
-    ``paired`` (:func:`paired_difference` from the reference). ``on_row`` is called with each row as
+    ``s_per_frame_all`` (compilation included), ``frames``, ``seconds``, ``clips`` (:func:`compact`)
+    and, after the first, ``paired`` (:func:`paired_difference` from the reference). ``on_row`` is called with each row as
     it is done (default: print it as a :func:`format_row` line)."""
     on_row = on_row or (lambda row: print(format_row(row), flush=True))
     rows, reference = [], None
@@ -152,7 +168,7 @@ def run_study(animator, reader, items: Sequence[E.EvalItem], settings: Sequence[
         judged = E.judge_items(reader, items, videos, animator.fps)
         summary = E.score_items(reader, items, videos, animator.fps, judged=judged)
         row = {"sampler": setting.sampler, "steps": setting.steps, "headline": summary["headline"], "s_per_frame": warm,
-               "s_per_frame_all": overall, "frames": int(sum(per_item)), "seconds": round(seconds, 1)}  # fmt: skip
+               "s_per_frame_all": overall, "frames": int(sum(per_item)), "seconds": round(seconds, 1), "clips": compact(judged)}  # fmt: skip
         if reference is None:
             reference = judged
         else:
