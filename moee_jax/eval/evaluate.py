@@ -39,8 +39,8 @@ from moee_jax.eval import metrics as M
 class EvalSettings:
     """How the held-out clips are generated. The defaults are the CPU demo's (``configs/demo.py``)."""
 
-    steps: int = 10
-    sampler: str = "ddim"
+    steps: int = 5
+    sampler: str = "dpmpp_2m"
     guidance: dict = dataclasses.field(default_factory=lambda: {"reference": 1.0, "audio": 4.0, "emotion": 3.0})
     compounds: dict = dataclasses.field(
         default_factory=lambda: {"happily_surprised": "happy:0.5,surprised:0.5", "sadly_fearful": "sad:0.5,fearful:0.5"}
