@@ -129,8 +129,9 @@ def get_config(arg: str = "cpu") -> ConfigDict:
     # The shipped checkpoint `moee demo` scores (relative to the repository root); none for gpu.
     c.checkpoint = "checkpoints/demo_cpu" if not gpu else ""
     # Where that checkpoint is absent, `moee demo` trains these steps instead (about 30 minutes on 2
-    # cores when scoring took 14 of them; with audio guidance 4 scoring takes about 26: far too few steps
-    # for the method to work, see the README's learning curve).
+    # cores when scoring took 14 of them; with audio guidance 4 and 10 DDIM steps scoring took about 26,
+    # with 5 DPM-Solver++ steps about two thirds of that: far too few steps for the method to work, see
+    # the README's learning curve).
     c.short_steps = {"stage1": 500, "stage2": 100, "reader": 1500} if not gpu else {}
     # MoEE's ablations (moee_jax.eval.ablation): stage 2 again from the same stage 1, same steps, each
     # variant scored like the full model. On 2 CPU cores they take hours, so the cpu demo leaves them
