@@ -164,21 +164,10 @@ def ground_truth_ceiling(
     drawn anew at the dataset's frame size; datasets it cannot redraw list every clip as missing).
     """
     speakers = sorted(tests) if speakers is None else list(speakers)
-    probs, targets, aus, compounds, sync, identity, missing = [], [], [], [], [], [], []
-    false_positives = []
+    judged, missing = [], []
     for speaker in speakers:
         clips = tests[speaker]
         truth = np.asarray(clips["neutral"]["identity"], np.float32)
-
-        def read(clip, truth=truth):
-            frames, audio = clip
-            frames = resize_frames(frames, size)
-            if round_trip is not None:
-                frames = round_trip(frames)
-            pred = reader.predict(frames)
-            sync.append(M.lip_sync(pred["mouth"], audio, fps))
-            identity.append(M.identity_error(pred["identity"], truth))
-            return pred
 
         def truth_of(emotion: str, spec: str | None = None, clips=clips):
             """``(frames (F, S, S, 3), audio)`` of the ground truth, or None."""
@@ -190,28 +179,18 @@ def ground_truth_ceiling(
             record = clips.get(emotion) if spec is None else compound_record(clips, spec)
             return None if record is None else (schema.decode_frames(record["frames"]), np.asarray(record["audio"], np.float32))
 
-        basic_aus = {}
-        for emotion in schema.CLASSES:
-            clip = truth_of(emotion)
+        wanted = [(emotion, None, "basic") for emotion in schema.CLASSES] + [(c, spec, "compound") for c, spec in settings.compounds.items()]
+        for target, spec, kind in wanted:
+            clip = truth_of(target, spec)
             if clip is None:
-                missing.append(f"{speaker}/{emotion}")
+                missing.append(f"{speaker}/{spec or target}")
                 continue
-            pred = read(clip)
-            probs.append(pred["probs"])
-            targets.append(emotion)
-            aus.append(M.au_error(pred["aus"], synthetic.resolve_emotion(emotion, 1.0)[2]))
-            basic_aus[emotion] = pred["aus"]
-        for compound, spec in settings.compounds.items():
-            clip = truth_of(compound, spec)
-            if clip is None:
-                missing.append(f"{speaker}/{spec}")
-                continue
-            pred = read(clip)
-            compounds.append(M.compound_components(pred["aus"], compound, probs=pred["probs"]))
-            false_positives += component_alone_judgements(basic_aus, compound)
-    summary = M.summarize(emotion=M.emotion_accuracy(probs, targets) if probs else None, action_units=aus,
-                          compounds=compounds, compound_false_positives=false_positives, lip_sync=sync,
-                          identity=identity)  # fmt: skip
+            frames = resize_frames(clip[0], size)
+            if round_trip is not None:
+                frames = round_trip(frames)
+            judged.append(judge_clip(reader, frames, speaker=speaker, tag=target, kind=kind, target=target, audio=clip[1],
+                                     identity=truth, fps=fps))  # fmt: skip
+    summary = summarize_judgements(judged)
     if missing:
         summary["missing"] = missing
     return summary
@@ -302,29 +281,56 @@ def render_items(animator, items: Sequence[EvalItem], settings: EvalSettings, *,
     return [videos[i] for i in range(len(items))]
 
 
+def judge_clip(reader, frames: np.ndarray, *, speaker: str, tag: str, kind: str, target: str, audio: np.ndarray | None,
+               identity: np.ndarray | None, fps: float) -> dict:  # fmt: skip
+    """One video ``(F, S, S, 3)`` read once and judged on its own: ``speaker``, ``tag``, ``kind``
+    (``basic`` | ``compound`` | ``speech``), ``target``, the reader's ``aus (F, 11)`` and ``probs
+    (F, 7)``; ``predicted`` (the class of the mean probability, as :func:`metrics.emotion_accuracy`
+    takes it) for basic and speech clips; ``action_units`` (:func:`metrics.au_error`) for basic
+    clips; ``compound`` (:func:`metrics.compound_components`) for compound clips; ``lip_sync``
+    (against ``audio``) and ``identity`` (against the true identity vector ``identity (24,)``) for
+    every basic or compound clip."""
+    pred = reader.predict(frames)
+    j = {"speaker": speaker, "tag": tag, "kind": kind, "target": target, "aus": pred["aus"], "probs": pred["probs"]}
+    if kind in ("basic", "speech"):
+        j["predicted"] = M.CLASSES[int(np.argmax(np.asarray(pred["probs"]).mean(0)))]
+    if kind == "basic":
+        j["action_units"] = M.au_error(pred["aus"], synthetic.resolve_emotion(target, 1.0)[2])
+    elif kind == "compound":
+        j["compound"] = M.compound_components(pred["aus"], target, probs=pred["probs"])
+    if kind != "speech":
+        j["lip_sync"] = M.lip_sync(pred["mouth"], np.asarray(audio, np.float32), fps)
+        j["identity"] = M.identity_error(pred["identity"], identity)
+    return j
+
+
 def judge_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float) -> list[dict]:
-    """Each rendered video ``(F, S, S, 3)`` read once and judged on its own, one dict per item:
-    ``speaker``, ``tag``, ``kind``, ``target``, the reader's ``aus (F, 11)`` and ``probs (F, 7)``;
-    ``predicted`` (the class of the mean probability, as :func:`metrics.emotion_accuracy` takes it) for
-    basic and speech items; ``action_units`` (:func:`metrics.au_error`) for basic items; ``compound``
-    (:func:`metrics.compound_components`) for compound items; ``lip_sync`` and ``identity`` for every
-    labelled or compound item. :func:`score_items` sums these up; paired comparisons of two renders
-    of the same items (:mod:`moee_jax.eval.sampler_study`) read them clip by clip."""
-    judged = []
-    for item, frames in zip(items, videos):
-        pred = reader.predict(frames)
-        j = {"speaker": item.speaker, "tag": item.tag, "kind": item.kind, "target": item.target, "aus": pred["aus"], "probs": pred["probs"]}
-        if item.kind in ("basic", "speech"):
-            j["predicted"] = M.CLASSES[int(np.argmax(np.asarray(pred["probs"]).mean(0)))]
-        if item.kind == "basic":
-            j["action_units"] = M.au_error(pred["aus"], synthetic.resolve_emotion(item.target, 1.0)[2])
-        elif item.kind == "compound":
-            j["compound"] = M.compound_components(pred["aus"], item.target, probs=pred["probs"])
-        if item.kind != "speech":
-            j["lip_sync"] = M.lip_sync(pred["mouth"], np.asarray(item.speech["audio"], np.float32), fps)
-            j["identity"] = M.identity_error(pred["identity"], item.identity)
-        judged.append(j)
-    return judged
+    """:func:`judge_clip` of each item's rendered video, driven by its speech. :func:`score_items`
+    sums these up; paired comparisons of two renders of the same items
+    (:mod:`moee_jax.eval.sampler_study`) read them clip by clip."""
+    return [judge_clip(reader, frames, speaker=item.speaker, tag=item.tag, kind=item.kind, target=item.target,
+                       audio=item.speech["audio"], identity=item.identity, fps=fps)
+            for item, frames in zip(items, videos)]  # fmt: skip
+
+
+def summarize_judgements(judged: Sequence[dict]) -> dict:
+    """A :func:`metrics.summarize` dict of :func:`judge_clip` results (speech clips are left out):
+    emotion accuracy and AU error of the basic clips, compounds, lip sync and identity of the basic
+    and compound clips, and the compound check's false alarms — the basic clips of each compound's
+    components (same speaker) judged as that compound."""
+    basic = [j for j in judged if j["kind"] == "basic"]
+    compounds = [j for j in judged if j["kind"] == "compound"]
+    scored = [j for j in judged if j["kind"] != "speech"]
+    basic_aus: dict[str, dict[str, np.ndarray]] = {}  # speaker → class → read AUs
+    for j in basic:
+        basic_aus.setdefault(j["speaker"], {})[j["target"]] = j["aus"]
+    false_positives = []
+    for j in compounds:
+        false_positives += component_alone_judgements(basic_aus.get(j["speaker"], {}), j["target"])
+    emotion = M.emotion_accuracy([j["probs"] for j in basic], [j["target"] for j in basic]) if basic else None
+    return M.summarize(emotion=emotion, action_units=[j["action_units"] for j in basic], compounds=[j["compound"] for j in compounds],
+                       compound_false_positives=false_positives, lip_sync=[j["lip_sync"] for j in scored],
+                       identity=[j["identity"] for j in scored])  # fmt: skip
 
 
 def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float, *,
@@ -336,24 +342,11 @@ def score_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray],
     ``compounds.false_positive_rate``). ``judged``: the items' :func:`judge_items`, when already read."""
     judged = judge_items(reader, items, videos, fps) if judged is None else judged
     neutral = {it.speaker: v for it, v in zip(items, videos) if it.kind == "basic" and it.tag == schema.NEUTRAL}
-    basic = [j for j in judged if j["kind"] == "basic"]
-    speech = [j for j in judged if j["kind"] == "speech"]
-    scored = [j for j in judged if j["kind"] != "speech"]
-    basic_aus: dict[str, dict[str, np.ndarray]] = {}  # speaker → class → read AUs
-    for j in basic:
-        basic_aus.setdefault(j["speaker"], {})[j["target"]] = j["aus"]
     label_effect = [float(np.abs(frames.astype(np.float32) - neutral[item.speaker].astype(np.float32)).mean())
                     for item, frames in zip(items, videos)
                     if item.kind == "basic" and item.target != schema.NEUTRAL and item.speaker in neutral]  # fmt: skip
-    false_positives = []  # the basic clips of each compound's components, judged as that compound
-    for it in items:
-        if it.kind == "compound":
-            false_positives += component_alone_judgements(basic_aus.get(it.speaker, {}), it.target)
-    emotion = M.emotion_accuracy([j["probs"] for j in basic], [j["target"] for j in basic]) if basic else None
-    summary = M.summarize(emotion=emotion, action_units=[j["action_units"] for j in basic],
-                          compounds=[j["compound"] for j in judged if j["kind"] == "compound"],
-                          compound_false_positives=false_positives, lip_sync=[j["lip_sync"] for j in scored],
-                          identity=[j["identity"] for j in scored])  # fmt: skip
+    summary = summarize_judgements(judged)
+    speech = [j for j in judged if j["kind"] == "speech"]
     if label_effect:
         summary["label_effect"] = {"mean_abs_pixel_change": float(np.mean(label_effect)), "num_clips": len(label_effect),
                                    "units": "0-255, each emotion's video against the neutral one, same portrait, speech and noise"}  # fmt: skip
