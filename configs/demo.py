@@ -3,8 +3,8 @@
 Variants:
   cpu  the README's main job on 2 CPU cores: 32² frames, the tiny model on lossless space-to-depth
        latents. ``moee demo`` animates and scores the held-out identities with the checkpoint shipped
-       in ``checkpoints/demo_cpu`` (a few minutes); ``moee demo --from-scratch`` trains that checkpoint
-       again from nothing (about 1h40m on 2 cores; see the README for the numbers it gives).
+       in ``checkpoints/demo_cpu`` (about 27 minutes); ``moee demo --from-scratch`` trains that checkpoint
+       again from nothing (about 2¼ hours on 2 cores; see the README for the numbers it gives).
   gpu  the same recipe, larger: 64² frames, more identities and steps (for a machine with an
        accelerator; always trains from scratch).
 
@@ -122,6 +122,12 @@ def get_config(arg: str = "cpu") -> ConfigDict:
                                 guidance=dict(reference=1.0, audio=4.0, emotion=3.0),
                                 compounds={"happily_surprised": "happy:0.5,surprised:0.5", "sadly_fearful": "sad:0.5,fearful:0.5"},
                                 speech_only_emotions=("anger", "sadness"), batch_size=16))  # fmt: skip
+    # A run of this recipe animates as it is scored: its stages' sampler and guidance (what `moee
+    # animate` and the UI default to, stored in RUN/stage2/config.json) are the animate block's, not
+    # the tiny backbone's 8 DDIM steps at guidance 2 / 3.5 / 3.5.
+    for stage in c.stages:
+        c.stages[stage].sampler = ConfigDict(dict(name=c.animate.sampler, num_steps=c.animate.steps, spacing="trailing", eta=0.0))
+        c.stages[stage].guidance = ConfigDict(dict(c.animate.guidance))
     # The expression reader, trained on faces drawn at the data's size and shrunk to the model's. 12,000
     # steps: on 50/50 compound palettes of 24 fresh identities it finds both components in 0.83 of
     # the ground-truth clips (3,000 steps: 0.58), with no false alarm on clips of one component alone.

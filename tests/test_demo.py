@@ -26,6 +26,27 @@ def test_every_stage_trains_on_the_demo_dataset_at_one_frame_size(variant):
     assert c.reader.render_size == c.data.size  # the reader reads what the model sees
 
 
+@pytest.mark.parametrize("variant", ["cpu", "gpu"])
+def test_a_run_of_the_recipe_animates_with_the_settings_the_demo_scores_with(variant):
+    from moee_jax.diffusion import make_schedule
+    from moee_jax.inference.sampling import sampling_settings
+
+    c = demo.get_config(variant)
+    for stage in ("vae", "stage1", "stage2"):  # what `moee animate` and the UI take when given no flags
+        chosen = sampling_settings(c.stages[stage], make_schedule(**c.stages[stage].diffusion.to_dict()))
+        assert (chosen["name"], chosen["steps"]) == (c.animate.sampler, c.animate.steps)
+        assert chosen["scales"] == dict(c.animate.guidance)
+
+
+def test_the_shipped_checkpoint_stores_the_settings_the_demo_scores_it_with():
+    import pathlib
+
+    c = demo.get_config("cpu")
+    stored = json.loads((pathlib.Path(__file__).parents[1] / c.checkpoint / "stage2" / "config.json").read_text())
+    assert (stored["sampler"]["name"], stored["sampler"]["num_steps"]) == (c.animate.sampler, c.animate.steps)
+    assert stored["guidance"] == dict(c.animate.guidance)
+
+
 def test_an_unknown_variant_is_refused():
     with pytest.raises(ValueError, match="unknown demo variant"):
         demo.get_config("tpu")
