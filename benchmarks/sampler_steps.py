@@ -1,9 +1,9 @@
 """Sampler steps against quality (Performance 3/5, the step-count study): a run's held-out clips
 rendered with each ``--settings`` (the first is the reference, 40-step DDIM by default), scored,
-and compared clip by clip with the reference (:mod:`moee_jax.eval.sampler_study`). Prints one
+and compared clip by clip with the reference (:mod:`moee_jax.eval.paired`). Prints one
 markdown table and writes a JSON file; names the fewest DPM-Solver++(2M) steps whose emotion
 accuracy, compounds-both-present rate and lip-sync r lose no more than ``--tolerance`` against the
-reference (a gain is not a miss; :func:`moee_jax.eval.sampler_study.within`).
+reference (a gain is not a miss; :func:`moee_jax.eval.paired.within`).
 
 Every setting renders the same items from the same noise, so each difference is paired: its
 standard error is that of the per-clip changes, not of two independent accuracies.
@@ -55,7 +55,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from moee_jax.eval import evaluate as E
-    from moee_jax.eval import sampler_study as S
+    from moee_jax.eval import paired as S
 
     try:
         settings = [S.Setting.parse(t) for t in args.settings.split(",") if t.strip()]

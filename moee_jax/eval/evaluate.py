@@ -307,7 +307,7 @@ def judge_clip(reader, frames: np.ndarray, *, speaker: str, tag: str, kind: str,
 def judge_items(reader, items: Sequence[EvalItem], videos: Sequence[np.ndarray], fps: float) -> list[dict]:
     """:func:`judge_clip` of each item's rendered video, driven by its speech. :func:`score_items`
     sums these up; paired comparisons of two renders of the same items
-    (:mod:`moee_jax.eval.sampler_study`) read them clip by clip."""
+    (:mod:`moee_jax.eval.paired`) read them clip by clip."""
     return [judge_clip(reader, frames, speaker=item.speaker, tag=item.tag, kind=item.kind, target=item.target,
                        audio=item.speech["audio"], identity=item.identity, fps=fps)
             for item, frames in zip(items, videos)]  # fmt: skip

@@ -1,5 +1,5 @@
-"""Sampler steps against quality: the same held-out clips rendered with several samplers and step
-counts, scored, and compared *clip by clip* with a reference setting.
+"""Paired comparisons: the same held-out clips rendered by several sampler settings (:func:`run_study`)
+or several trained runs (:func:`compare_runs`), scored, and compared *clip by clip* with the first.
 
 Performance 3/5 asks for the smallest number of DPM-Solver++(2M) steps whose emotion accuracy,
 compound score and lip sync stay within 0.02 of 40-step DDIM. Read as two independent accuracies,
@@ -18,6 +18,12 @@ read as quality kept: a setting qualifies when no measure *loses* more than the 
 :func:`~moee_jax.eval.evaluate.judge_items`) and times it: seconds per generated frame over the
 batches after the first of each setting (the first compiles that setting's sampler), and over all
 of them. ``benchmarks/sampler_steps.py`` is its command line.
+
+The same pairing judges a change to the model: :func:`compare_runs` renders the items with each run's
+animator under the same ``EvalSettings`` and seed (so from the same noise), reads them with one
+reader, and pairs every run with the first. A change that moves a handful of clips out of 56 is then read
+against the spread of per-clip changes rather than against two independent accuracies.
+``benchmarks/compare_runs.py`` is its command line.
 """
 
 from __future__ import annotations
@@ -145,37 +151,64 @@ def _frames_per_second(marks: Sequence[tuple[float, int]], t0: float) -> tuple[f
     return (marks[-1][0] - marks[0][0]) / max(marks[-1][1] - marks[0][1], 1), total
 
 
-def run_study(animator, reader, items: Sequence[E.EvalItem], settings: Sequence[Setting], base: E.EvalSettings, *,
-              batch_size: int = 16, on_row: Callable[[dict], None] | None = None) -> list[dict]:  # fmt: skip
-    """Render and judge ``items`` once per setting (the first is the reference), with ``base``'s
-    guidance, seed and motion; returns one row per setting: ``sampler``, ``steps``, ``headline``
-    (:func:`~moee_jax.eval.evaluate.score_items`'s), ``s_per_frame`` (batches after the first),
-    ``s_per_frame_all`` (compilation included), ``frames``, ``seconds``, ``clips`` (:func:`compact`)
-    and, after the first, ``paired`` (:func:`paired_difference` from the reference). ``on_row`` is called with each row as
-    it is done (default: print it as a :func:`format_row` line)."""
-    on_row = on_row or (lambda row: print(format_row(row), flush=True))
-    rows, reference = [], None
-    for setting in settings:
-        s = dataclasses.replace(base, sampler=setting.sampler, steps=setting.steps)
-        marks: list[tuple[float, int]] = []  # (time, items done) after each batch
-        t0 = time.perf_counter()
-        videos = E.render_items(animator, items, s, batch_size=batch_size,
-                                progress=lambda done, total, _marks=marks: _marks.append((time.perf_counter(), done)))  # fmt: skip
-        seconds = time.perf_counter() - t0
-        per_item = [len(v) for v in videos]
-        marks = [(t, sum(per_item[:done])) for t, done in marks]
-        warm, overall = _frames_per_second(marks, t0)
-        judged = E.judge_items(reader, items, videos, animator.fps)
-        summary = E.score_items(reader, items, videos, animator.fps, judged=judged)
-        row = {"sampler": setting.sampler, "steps": setting.steps, "headline": summary["headline"], "s_per_frame": warm,
-               "s_per_frame_all": overall, "frames": int(sum(per_item)), "seconds": round(seconds, 1), "clips": compact(judged)}  # fmt: skip
-        if reference is None:
-            reference = judged
-        else:
-            row["paired"] = paired_difference(reference, judged)
+def render_and_judge(animator, reader, items: Sequence[E.EvalItem], settings: E.EvalSettings, *, batch_size: int = 16) -> dict:
+    """Render ``items`` with ``animator`` and ``settings`` and judge them: ``headline``
+    (:func:`~moee_jax.eval.evaluate.score_items`'s), ``s_per_frame`` (batches after the first, which
+    compiles), ``s_per_frame_all``, ``frames``, ``seconds`` and ``clips`` (:func:`compact`)."""
+    marks: list[tuple[float, int]] = []  # (time, items done) after each batch
+    t0 = time.perf_counter()
+    videos = E.render_items(animator, items, settings, batch_size=batch_size,
+                            progress=lambda done, total: marks.append((time.perf_counter(), done)))  # fmt: skip
+    seconds = time.perf_counter() - t0
+    per_item = [len(v) for v in videos]
+    marks = [(t, sum(per_item[:done])) for t, done in marks]
+    warm, overall = _frames_per_second(marks, t0)
+    judged = E.judge_items(reader, items, videos, animator.fps)
+    summary = E.score_items(reader, items, videos, animator.fps, judged=judged)
+    return {"headline": summary["headline"], "s_per_frame": warm, "s_per_frame_all": overall, "frames": int(sum(per_item)),
+            "seconds": round(seconds, 1), "clips": compact(judged)}  # fmt: skip
+
+
+def _paired_rows(variants, render: Callable[[object], dict], on_row: Callable[[dict], None]) -> list[dict]:
+    """``render(variant)`` → row for each variant in order; every row after the first gets ``paired``
+    against the first's clips."""
+    rows: list[dict] = []
+    for variant in variants:
+        row = render(variant)
+        if rows:
+            row["paired"] = paired_difference(rows[0]["clips"], row["clips"])
         rows.append(row)
         on_row(row)
     return rows
+
+
+def run_study(animator, reader, items: Sequence[E.EvalItem], settings: Sequence[Setting], base: E.EvalSettings, *,
+              batch_size: int = 16, on_row: Callable[[dict], None] | None = None) -> list[dict]:  # fmt: skip
+    """Render and judge ``items`` once per setting (the first is the reference), with ``base``'s
+    guidance, seed and motion; returns one row per setting: ``sampler``, ``steps`` and
+    :func:`render_and_judge`'s fields, and, after the first, ``paired`` (:func:`paired_difference`
+    from the reference). ``on_row`` is called with each row as it is done (default: print it as a
+    :func:`format_row` line)."""
+
+    def render(setting: Setting) -> dict:
+        s = dataclasses.replace(base, sampler=setting.sampler, steps=setting.steps)
+        return {"sampler": setting.sampler, "steps": setting.steps, **render_and_judge(animator, reader, items, s, batch_size=batch_size)}
+
+    return _paired_rows(settings, render, on_row or (lambda row: print(format_row(row), flush=True)))
+
+
+def compare_runs(animators: Sequence[tuple[str, object]], reader, items: Sequence[E.EvalItem], settings: E.EvalSettings, *,
+                 batch_size: int = 16, on_row: Callable[[dict], None] | None = None) -> list[dict]:  # fmt: skip
+    """Render and judge ``items`` with each ``(name, animator)`` (the first is the reference), all with
+    ``settings`` (the same sampler, guidance and seed: the same noise); returns one row per run:
+    ``run`` (its name) and :func:`render_and_judge`'s fields, and, after the first, ``paired``
+    against it. ``on_row`` as in :func:`run_study` (default: print a :func:`format_row` line)."""
+
+    def render(named) -> dict:
+        name, animator = named
+        return {"run": name, **render_and_judge(animator, reader, items, settings, batch_size=batch_size)}
+
+    return _paired_rows(animators, render, on_row or (lambda row: print(format_row(row), flush=True)))
 
 
 def _f(v, digits: int = 3) -> str:
@@ -188,13 +221,14 @@ def _d(block: dict | None) -> str:
     return f"{block['delta']:+.3f} ± {_f(block['se'])}"
 
 
-TABLE_HEADER = ("| setting | emotion acc. | Δ (paired ± se) | class changed | compounds | Δ | lip r | Δ | s/frame | s/frame incl. compile |\n"
+TABLE_HEADER = ("| setting or run | emotion acc. | Δ (paired ± se) | class changed | compounds | Δ | lip r | Δ | s/frame | s/frame incl. compile |\n"
                 "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")  # fmt: skip
 
 
 def format_row(row: dict) -> str:
     h, p = row["headline"], row.get("paired") or {}
     changed = _f((p.get("emotion") or {}).get("changed"))
-    return (f"| {row['sampler']}:{row['steps']} | {_f(h.get('emotion_accuracy'))} | {_d(p.get('emotion'))} | {changed} "
+    name = row["run"] if "run" in row else f"{row['sampler']}:{row['steps']}"
+    return (f"| {name} | {_f(h.get('emotion_accuracy'))} | {_d(p.get('emotion'))} | {changed} "
             f"| {_f(h.get('compound_both_present_rate'))} | {_d(p.get('compounds'))} | {_f(h.get('lip_sync_pearson'))} "
             f"| {_d(p.get('lip_sync'))} | {_f(row['s_per_frame'], 2)} | {_f(row['s_per_frame_all'], 2)} |")  # fmt: skip

@@ -1,6 +1,7 @@
-"""The step-count study (`benchmarks/sampler_steps.py`): settings parsed strictly, renders of the same
-clips compared clip by clip, and the fewest DPM-Solver++ steps chosen only where every larger count
-also holds."""
+"""Paired comparisons: renders of the same clips compared clip by clip. The step-count study
+(`benchmarks/sampler_steps.py`): settings parsed strictly, and the fewest DPM-Solver++ steps chosen
+only where every larger count also holds. Run comparisons (`benchmarks/compare_runs.py`): every run
+paired with the first."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import sys
 import numpy as np
 import pytest
 
-from moee_jax.eval import sampler_study as S
+from moee_jax.eval import paired as S
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
@@ -107,6 +108,30 @@ def test_the_benchmark_refuses_a_bad_setting_before_loading_anything():
     assert result.returncode != 0 and "--settings" in result.stderr and "'dpm:10'" in result.stderr
 
 
+def test_every_run_is_paired_with_the_first_and_named_in_its_row(monkeypatch):
+    renders = {"a": render([True, True], [True], [0.8, 0.8]), "b": render([True, False], [False], [0.8, 0.6])}
+    monkeypatch.setattr(S, "render_and_judge", lambda animator, reader, items, settings, batch_size: {
+        "headline": {"emotion_accuracy": 0.5}, "s_per_frame": 0.1, "s_per_frame_all": 0.2, "frames": 3, "seconds": 1.0,
+        "clips": S.compact(renders[animator])})  # fmt: skip
+    seen = []
+    rows = S.compare_runs([("shipped", "a"), ("decorrelated", "b"), ("again", "a")], None, [], None, on_row=seen.append)
+    assert seen == rows and [r["run"] for r in rows] == ["shipped", "decorrelated", "again"] and "paired" not in rows[0]
+    assert rows[1]["paired"]["emotion"]["delta"] == -0.5 and rows[1]["paired"]["compounds"]["delta"] == -1.0
+    assert rows[2]["paired"]["emotion"]["changed"] == 0.0  # paired with the first run, not with the one before
+    assert S.format_row(rows[1]).startswith("| decorrelated | 0.500 | -0.500 ± 0.500 | 0.500 |")
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--runs", "checkpoints/demo_cpu"], "at least one run to compare"),
+    (["--runs", "checkpoints/demo_cpu", "no/such/run"], "--runs no/such/run: no stage2/config.json"),
+    (["--runs", "checkpoints/demo_cpu", "checkpoints/demo_cpu", "--names", "one"], "--names: 1 names for 2 runs"),
+    (["--runs", "checkpoints/demo_cpu", "checkpoints/demo_cpu", "--sampler", "dpm"], "--sampler 'dpm'"),
+])  # fmt: skip
+def test_the_run_comparison_refuses_bad_arguments_before_loading_anything(args, message):
+    result = subprocess.run([sys.executable, "benchmarks/compare_runs.py", *args], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode != 0 and message in result.stderr
+
+
 @pytest.mark.slow  # renders 8 clips twice (~4 CPU minutes)
 def test_the_study_renders_each_setting_on_the_same_clips_and_pairs_them_with_the_first(tiny_run, synthetic_tfds):
     from moee_jax.eval import evaluate as E
@@ -126,3 +151,20 @@ def test_the_study_renders_each_setting_on_the_same_clips_and_pairs_them_with_th
     assert abs(same["lip_sync"]["delta"]) < 1e-6
     assert rows[0]["frames"] == rows[1]["frames"] > 0 and len(rows[0]["clips"]) == len(items)
     assert rows[0]["s_per_frame"] > 0  # from the second batch of 4: the first compiled the sampler
+
+
+@pytest.mark.slow  # renders 8 clips twice (~4 CPU minutes)
+def test_a_run_compared_with_itself_changes_no_clip(tiny_run, synthetic_tfds):
+    from moee_jax.eval import evaluate as E
+    from moee_jax.eval import reader as R
+    from moee_jax.inference.animator import Animator
+
+    reader = R.train_reader(32, steps=3, batch_size=8, num_clips=8, frames_per_clip=4, num_identities=8, frames_per_identity=2)
+    animators = [("first", Animator.from_run(tiny_run)), ("second", Animator.from_run(tiny_run))]
+    tests = E.held_out_clips(*synthetic_tfds)
+    settings = E.EvalSettings(sampler="ddim", steps=1, compounds={"happily_surprised": "happy:0.5,surprised:0.5"})
+    items = E.held_out_items(tests, animators[0][1].size, settings, sorted(tests)[:1], speech_only=False)
+    rows = S.compare_runs(animators, reader, items, settings, batch_size=4, on_row=lambda row: None)
+    same = rows[1]["paired"]  # the same weights and the same noise: the same clips
+    assert [r["run"] for r in rows] == ["first", "second"] and same["emotion"]["changed"] == 0.0 and same["emotion"]["n"] == 7
+    assert abs(same["lip_sync"]["delta"]) < 1e-6 and rows[0]["headline"] == rows[1]["headline"]
