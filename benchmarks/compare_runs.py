@@ -15,6 +15,8 @@ The reader is ``--reader`` (default: the first run's ``reader.msgpack``). The la
 items of ``moee eval`` are rendered; ``--speech_only`` adds the clips whose emotion comes from the
 speech alone (their accuracy is in each row's headline, not in the paired columns). The sampler,
 guidance and seed are the CPU demo's (``configs/demo.py``'s ``animate`` block) unless given.
+``--videos DIR`` also writes every run's clips, as ``moee eval`` names them, to ``DIR/<i>_<name>/``
+(``i`` the run's place in ``--runs``), which ``benchmarks/au_coupling.py --videos`` reads.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=None, help="sampler steps (default: the demo's)")
     p.add_argument("--batches", type=int, default=4, help="equal batches per run (default 4; the first compiles)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed, the same for every run")
+    p.add_argument("--videos", default=None, help="also write each run's clips to VIDEOS/<i>_<name>/ (for benchmarks/au_coupling.py)")
     p.add_argument("--out", default="compare_runs.json", help="the JSON file written")
     return p.parse_args(argv)
 
@@ -104,7 +107,7 @@ def main(argv=None) -> int:
     print(P.TABLE_HEADER)
     meta = {"date": datetime.date.today().isoformat(), "machine": platform.platform(), "cpus": os.cpu_count(),
             "runs": dict(zip(names, args.runs)), "reader": str(reader_path), "dataset": f"{data_dir}/{dataset}",
-            "speakers": speakers, "clips": len(items), "batch_size": batch_size,
+            "speakers": speakers, "clips": len(items), "batch_size": batch_size, "videos": args.videos,
             "settings": {"sampler": base.sampler, "steps": base.steps, "guidance": base.guidance, "seed": args.seed}}  # fmt: skip
     rows: list[dict] = []
     t0 = time.perf_counter()
@@ -115,7 +118,7 @@ def main(argv=None) -> int:
         meta["seconds"] = round(time.perf_counter() - t0, 1)
         pathlib.Path(args.out).write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=float))
 
-    P.compare_runs(animators, reader, items, base, batch_size=batch_size, on_row=on_row)
+    P.compare_runs(animators, reader, items, base, batch_size=batch_size, on_row=on_row, videos_dir=args.videos)
     print(f"wrote {args.out}")
     return 0
 

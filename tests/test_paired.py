@@ -110,15 +110,22 @@ def test_the_benchmark_refuses_a_bad_setting_before_loading_anything():
 
 def test_every_run_is_paired_with_the_first_and_named_in_its_row(monkeypatch):
     renders = {"a": render([True, True], [True], [0.8, 0.8]), "b": render([True, False], [False], [0.8, 0.6])}
-    monkeypatch.setattr(S, "render_and_judge", lambda animator, reader, items, settings, batch_size: {
+    folders = []
+    monkeypatch.setattr(S, "render_and_judge", lambda animator, reader, items, settings, batch_size, videos_dir: folders.append(videos_dir) or {
         "headline": {"emotion_accuracy": 0.5}, "s_per_frame": 0.1, "s_per_frame_all": 0.2, "frames": 3, "seconds": 1.0,
         "clips": S.compact(renders[animator])})  # fmt: skip
     seen = []
-    rows = S.compare_runs([("shipped", "a"), ("decorrelated", "b"), ("again", "a")], None, [], None, on_row=seen.append)
+    rows = S.compare_runs([("shipped", "a"), ("decorrelated", "b"), ("again", "a")], None, [], None, on_row=seen.append, videos_dir="v")
     assert seen == rows and [r["run"] for r in rows] == ["shipped", "decorrelated", "again"] and "paired" not in rows[0]
+    assert [str(f) for f in folders] == ["v/0_shipped", "v/1_decorrelated", "v/2_again"]  # one folder per run, even for a repeated name
     assert rows[1]["paired"]["emotion"]["delta"] == -0.5 and rows[1]["paired"]["compounds"]["delta"] == -1.0
     assert rows[2]["paired"]["emotion"]["changed"] == 0.0  # paired with the first run, not with the one before
     assert S.format_row(rows[1]).startswith("| decorrelated | 0.500 | -0.500 ± 0.500 | 0.500 |")
+
+
+def test_a_run_given_as_a_path_gets_a_plain_folder_name():
+    assert S.run_folder(1, "/work/exp/upper/run_w3") == "1_work_exp_upper_run_w3"
+    assert S.run_folder(0, "checkpoints/demo_cpu") == "0_checkpoints_demo_cpu" and S.run_folder(2, "w=3 (upper)") == "2_w_3_upper"
 
 
 @pytest.mark.parametrize("args, message", [
@@ -154,7 +161,7 @@ def test_the_study_renders_each_setting_on_the_same_clips_and_pairs_them_with_th
 
 
 @pytest.mark.slow  # renders 8 clips twice (~4 CPU minutes)
-def test_a_run_compared_with_itself_changes_no_clip(tiny_run, synthetic_tfds):
+def test_a_run_compared_with_itself_changes_no_clip(tiny_run, synthetic_tfds, tmp_path):
     from moee_jax.eval import evaluate as E
     from moee_jax.eval import reader as R
     from moee_jax.inference.animator import Animator
@@ -164,7 +171,9 @@ def test_a_run_compared_with_itself_changes_no_clip(tiny_run, synthetic_tfds):
     tests = E.held_out_clips(*synthetic_tfds)
     settings = E.EvalSettings(sampler="ddim", steps=1, compounds={"happily_surprised": "happy:0.5,surprised:0.5"})
     items = E.held_out_items(tests, animators[0][1].size, settings, sorted(tests)[:1], speech_only=False)
-    rows = S.compare_runs(animators, reader, items, settings, batch_size=4, on_row=lambda row: None)
+    rows = S.compare_runs(animators, reader, items, settings, batch_size=4, on_row=lambda row: None, videos_dir=tmp_path)
     same = rows[1]["paired"]  # the same weights and the same noise: the same clips
+    written = [sorted(p.name for p in (tmp_path / folder).glob("*.mp4")) for folder in ("0_first", "1_second")]
+    assert written[0] == written[1] == sorted(f"{it.speaker}_{it.tag}.mp4" for it in items)
     assert [r["run"] for r in rows] == ["first", "second"] and same["emotion"]["changed"] == 0.0 and same["emotion"]["n"] == 7
     assert abs(same["lip_sync"]["delta"]) < 1e-6 and rows[0]["headline"] == rows[1]["headline"]

@@ -29,6 +29,8 @@ against the spread of per-clip changes rather than against two independent accur
 from __future__ import annotations
 
 import dataclasses
+import pathlib
+import re
 import time
 from collections.abc import Callable, Sequence
 
@@ -151,13 +153,17 @@ def _frames_per_second(marks: Sequence[tuple[float, int]], t0: float) -> tuple[f
     return (marks[-1][0] - marks[0][0]) / max(marks[-1][1] - marks[0][1], 1), total
 
 
-def render_and_judge(animator, reader, items: Sequence[E.EvalItem], settings: E.EvalSettings, *, batch_size: int = 16) -> dict:
+def render_and_judge(animator, reader, items: Sequence[E.EvalItem], settings: E.EvalSettings, *, batch_size: int = 16,
+                     videos_dir: pathlib.Path | None = None) -> dict:  # fmt: skip
     """Render ``items`` with ``animator`` and ``settings`` and judge them: ``headline``
     (:func:`~moee_jax.eval.evaluate.score_items`'s), ``s_per_frame`` (batches after the first, which
-    compiles), ``s_per_frame_all``, ``frames``, ``seconds`` and ``clips`` (:func:`compact`)."""
+    compiles), ``s_per_frame_all``, ``frames``, ``seconds`` and ``clips`` (:func:`compact`).
+    ``videos_dir``: also write every clip there as ``moee eval`` does (``<speaker>_<tag>.mp4``)."""
     marks: list[tuple[float, int]] = []  # (time, items done) after each batch
     t0 = time.perf_counter()
-    videos = E.render_items(animator, items, settings, batch_size=batch_size,
+    if videos_dir is not None:
+        videos_dir.mkdir(parents=True, exist_ok=True)
+    videos = E.render_items(animator, items, settings, batch_size=batch_size, videos_dir=videos_dir,
                             progress=lambda done, total: marks.append((time.perf_counter(), done)))  # fmt: skip
     seconds = time.perf_counter() - t0
     per_item = [len(v) for v in videos]
@@ -198,17 +204,27 @@ def run_study(animator, reader, items: Sequence[E.EvalItem], settings: Sequence[
 
 
 def compare_runs(animators: Sequence[tuple[str, object]], reader, items: Sequence[E.EvalItem], settings: E.EvalSettings, *,
-                 batch_size: int = 16, on_row: Callable[[dict], None] | None = None) -> list[dict]:  # fmt: skip
+                 batch_size: int = 16, on_row: Callable[[dict], None] | None = None,
+                 videos_dir: str | pathlib.Path | None = None) -> list[dict]:  # fmt: skip
     """Render and judge ``items`` with each ``(name, animator)`` (the first is the reference), all with
     ``settings`` (the same sampler, guidance and seed: the same noise); returns one row per run:
     ``run`` (its name) and :func:`render_and_judge`'s fields, and, after the first, ``paired``
-    against it. ``on_row`` as in :func:`run_study` (default: print a :func:`format_row` line)."""
+    against it. ``on_row`` as in :func:`run_study` (default: print a :func:`format_row` line).
+    ``videos_dir``: each run's clips are also written to ``videos_dir/<i>_<name>/`` (``i`` its place
+    in ``animators``, the name with anything but letters, digits, ``.``, ``_`` and ``-`` replaced),
+    a folder :func:`~moee_jax.eval.coupling.coupling_rows` reads."""
 
-    def render(named) -> dict:
-        name, animator = named
-        return {"run": name, **render_and_judge(animator, reader, items, settings, batch_size=batch_size)}
+    def render(indexed) -> dict:
+        i, (name, animator) = indexed
+        videos = None if videos_dir is None else pathlib.Path(videos_dir) / run_folder(i, name)
+        return {"run": name, **render_and_judge(animator, reader, items, settings, batch_size=batch_size, videos_dir=videos)}
 
-    return _paired_rows(animators, render, on_row or (lambda row: print(format_row(row), flush=True)))
+    return _paired_rows(list(enumerate(animators)), render, on_row or (lambda row: print(format_row(row), flush=True)))
+
+
+def run_folder(index: int, name: str) -> str:
+    """The folder name of run ``index`` (its place in the comparison) called ``name``, e.g. a path."""
+    return f"{index}_" + re.sub(r"[^A-Za-z0-9._-]+", "_", name).strip("_")
 
 
 def _f(v, digits: int = 3) -> str:
