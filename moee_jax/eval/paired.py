@@ -154,7 +154,7 @@ def _frames_per_second(marks: Sequence[tuple[float, int]], t0: float) -> tuple[f
 
 
 def render_and_judge(animator, reader, items: Sequence[E.EvalItem], settings: E.EvalSettings, *, batch_size: int = 16,
-                     videos_dir: pathlib.Path | None = None) -> dict:  # fmt: skip
+                     videos_dir: str | pathlib.Path | None = None) -> dict:  # fmt: skip
     """Render ``items`` with ``animator`` and ``settings`` and judge them: ``headline``
     (:func:`~moee_jax.eval.evaluate.score_items`'s), ``s_per_frame`` (batches after the first, which
     compiles), ``s_per_frame_all``, ``frames``, ``seconds`` and ``clips`` (:func:`compact`).
@@ -162,6 +162,7 @@ def render_and_judge(animator, reader, items: Sequence[E.EvalItem], settings: E.
     marks: list[tuple[float, int]] = []  # (time, items done) after each batch
     t0 = time.perf_counter()
     if videos_dir is not None:
+        videos_dir = pathlib.Path(videos_dir)
         videos_dir.mkdir(parents=True, exist_ok=True)
     videos = E.render_items(animator, items, settings, batch_size=batch_size, videos_dir=videos_dir,
                             progress=lambda done, total: marks.append((time.perf_counter(), done)))  # fmt: skip
