@@ -77,6 +77,8 @@ def coupling_rows(
     mean}}`` over ``driver`` and ``watched``) — ``truth`` None where no clip's truth could be drawn —
     and the ``"<speaker>_<class>: why"`` of every clip left out.
     """
+    from moee_jax.data.builders.synthetic_talking_faces import speech_matched_clip  # TFDS: only when rows are built
+
     for name in (driver, *watched):
         _au_index(name)
     speakers = sorted(tests) if speakers is None else list(speakers)
@@ -96,11 +98,7 @@ def coupling_rows(
                 continue
             generated.append(_aus_of(reader, frames, skip_frames))
             neutral = tests[speaker].get(schema.NEUTRAL)
-            clip = None
-            if neutral is not None:
-                from moee_jax.data.builders.synthetic_talking_faces import speech_matched_clip
-
-                clip = speech_matched_clip(neutral, cls, 0.0 if cls == schema.NEUTRAL else 1.0)
+            clip = None if neutral is None else speech_matched_clip(neutral, cls, 0.0 if cls == schema.NEUTRAL else 1.0)
             if clip is None:
                 skipped.append(f"{speaker}_{cls}: its ground truth cannot be drawn (truth column without it)")
             else:
