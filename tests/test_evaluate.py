@@ -96,6 +96,36 @@ def test_the_labelled_ceiling_reads_the_truth_of_each_labelled_request_and_lists
     assert len(unknown["missing"]) == 8 and "emotion" not in unknown
 
 
+def test_the_fresh_identity_ceiling_reads_every_class_and_compound_of_each_identity_as_a_run_is_scored(reader, tmp_path):
+    ceiling = E.fresh_identity_ceiling(reader, [50_000, 50_001], voice="neutral", num_frames=4)
+    assert ceiling["emotion"]["num_clips"] == 14 and ceiling["compounds"]["num_clips"] == 4
+    assert ceiling["per_compound"] == {name: {"both_present": ceiling["per_compound"][name]["both_present"], "clips": 2}
+                                       for name in E.EvalSettings().compounds}  # fmt: skip
+    # Each compound's components, shown alone by the same identity, are its false alarms: 2 per clip.
+    assert ceiling["compounds"]["false_positive_clips"] == 8
+    assert all(n >= 1 and key.split("/")[0] in E.EvalSettings().compounds for key, n in ceiling["missed_aus"].items())
+    with pytest.raises(ValueError, match="voice"):
+        E.fresh_identity_ceiling(reader, [50_000], voice="loud")
+
+    # The benchmark prints one row per reader and voice, and writes the summaries.
+    import pathlib
+    import subprocess
+    import sys
+
+    repo = pathlib.Path(__file__).resolve().parent.parent
+    path = tmp_path / "reader.msgpack"
+    R.save_reader(reader, path)
+    out = tmp_path / "ceiling.json"
+    args = ["--readers", str(path), "--seeds", "50000", "--voices", "own", "--frames", "4", "--out", str(out)]
+    done = subprocess.run([sys.executable, "benchmarks/reader_ceiling.py", *args], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert f"| {path} | own |" in done.stdout
+    assert json.loads(out.read_text())["results"][0]["summary"]["per_compound"]["sadly_fearful"]["clips"] == 1
+    bad = subprocess.run([sys.executable, "benchmarks/reader_ceiling.py", "--readers", str(path), "--seeds", "5:1"],
+                         cwd=repo, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert bad.returncode == 2 and "--seeds '5:1': stop must exceed start" in bad.stderr
+
+
 def test_a_reader_of_another_frame_size_is_refused(run_dir):
     wrong = R.Reader(size=16, params={}, identity_mean=np.zeros(24), identity_std=np.ones(24))
     with pytest.raises(ValueError, match="16²"):

@@ -196,6 +196,65 @@ def ground_truth_ceiling(
     return summary
 
 
+FRESH_IDENTITY_SEEDS = range(50_000, 50_024)  # outside every split and the reader's training seeds
+
+
+def fresh_identity_ceiling(
+    reader,
+    seeds: Sequence[int] = FRESH_IDENTITY_SEEDS,
+    *,
+    compounds: dict[str, str] | None = None,
+    voice: str = "own",
+    render_size: int = 64,
+    num_frames: int = 50,
+    fps: float = 25.0,
+) -> dict:
+    """The reader's ceiling on ground truth of identities it never saw, many more than a held-out split.
+
+    :func:`ground_truth_ceiling` reads the test split's few identities (8 in the demo: one compound
+    clip in eight moves its rate by 0.125); this draws, for each identity seed in ``seeds``, the
+    seven classes at full intensity and each palette of ``compounds`` (default: those of
+    :class:`EvalSettings`), ``num_frames`` frames at ``render_size`` area-shrunk to the reader's
+    size, as the model's frames are. ``voice``: ``own`` (the face's emotion in its prosody) or
+    ``neutral`` (emotion-neutral speech, the label the only cue, as in the labelled evaluation);
+    the speech seed is the identity seed, so one identity says the same words in every clip.
+
+    Returns :func:`summarize_judgements` (the columns of ``metrics.json``) plus ``per_compound``
+    (``name → {both_present, clips}``) and ``missed_aus`` (``"compound/component/AU" → clips`` in
+    which that characteristic AU was read below its required level, most first): what a better
+    reader has to see.
+    """
+    if voice not in ("own", "neutral"):
+        raise ValueError(f"voice must be 'own' or 'neutral', got {voice!r}")
+    compounds = EvalSettings().compounds if compounds is None else compounds
+    speech = schema.NEUTRAL if voice == "neutral" else None
+    wanted = [("basic", c, c) for c in schema.CLASSES] + [("compound", name, spec) for name, spec in compounds.items()]
+    judged = []
+    for seed in seeds:
+        for kind, target, emotion in wanted:
+            intensity = 0.0 if emotion == schema.NEUTRAL else 1.0
+            clip = synthetic.generate_clip(int(seed), emotion, intensity, seed=int(seed), num_frames=num_frames, fps=fps,
+                                           size=render_size, speech_emotion=speech)  # fmt: skip
+            judged.append(judge_clip(reader, resize_frames(clip.frames, reader.size), speaker=f"id{seed}", tag=target, kind=kind,
+                                     target=target, audio=clip.audio, identity=np.asarray(schema.identity_vector(clip.identity), np.float32),
+                                     fps=fps))  # fmt: skip
+    summary = summarize_judgements(judged)
+    per_compound: dict[str, list[bool]] = {}
+    missed: dict[str, int] = {}
+    for j in judged:
+        if j["kind"] != "compound":
+            continue
+        per_compound.setdefault(j["target"], []).append(bool(j["compound"]["both_present"]))
+        for emotion, part in j["compound"]["components"].items():
+            for au, unit in part["aus"].items():
+                if not unit["active"]:
+                    key = f"{j['target']}/{emotion}/{au}"
+                    missed[key] = missed.get(key, 0) + 1
+    summary["per_compound"] = {k: {"both_present": int(sum(v)), "clips": len(v)} for k, v in per_compound.items()}
+    summary["missed_aus"] = dict(sorted(missed.items(), key=lambda kv: -kv[1]))
+    return summary
+
+
 @dataclasses.dataclass
 class EvalItem:
     """One video to generate and score.

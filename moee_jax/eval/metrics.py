@@ -156,18 +156,20 @@ def compound_components(
     of its characteristic AUs that are active; ``present``, all of them active; and per AU the
     clip mean and the level required. ``both_present``: both components present.
 
-    The default ``threshold`` is low because the reader's AU estimates on compound faces run at
-    about half their true values: antagonistic AUs partly cancel on the drawn face (AU12 lifts
-    the lip corners that AU15 lowers; AU1/2 raise the brows that AU4 lowers), a reader trained on
-    the conditional mean shrinks what it cannot separate, and a 50/50 palette draws each component
-    at half its weight. Measured with the demo's reader (12,000 steps) on ground-truth 50/50
-    palettes of ``happily_surprised`` and ``sadly_fearful`` from 24 identities outside every
+    The default ``threshold`` is low because a 50/50 palette draws each component at half its
+    weight, antagonistic AUs partly cancel on the drawn face (AU12 lifts the lip corners that AU15
+    lowers; AU1/2 raise the brows that AU4 lowers), and the reader's estimates of the subtle AUs
+    spread widely across identities at 32²: the demo's reader reads fear's AU7 and AU20 under
+    sadness at 0.8 of what is drawn on average, but at 0.10–0.35 and 0.12–0.68 over 24 identities
+    where 0.25 and 0.45 are drawn, while a neutral face reads AU7 up to 0.22
+    (``benchmarks/reader_ceiling.py``). Measured with the demo's reader (12,000 steps) on
+    ground-truth 50/50 palettes of ``happily_surprised`` and ``sadly_fearful`` from 24 identities outside every
     training split (32² from 64²): both components found in 0.83 of the clips (0.58 with a
     3,000-step reader, fear's lid tightener AU7 and lip stretcher AU20 failing first), while none
     of the 96 clips showing one component alone was judged to show both. On another 24 such
     identities (seeds 50,000–50,023) the same reader finds both in 0.75 (happily surprised 22/24,
-    sadly fearful 14/24 with the face's own voice and with a neutral one alike: under sadness's lip
-    corner depressor it reads fear's lip stretcher at 0.11–0.25 where 0.45 is drawn), so the check's
+    sadly fearful 14/24 with the face's own voice and with a neutral one alike: in the clips it
+    misses, it reads fear's lip stretcher at 0.11–0.25 where 0.45 is drawn), so the check's
     ceiling on sadly fearful faces is the reader's, not the voice's. The evaluation reports
     that false-alarm rate on generated clips too (:func:`moee_jax.eval.evaluate.score_items`).
     Compounds whose components are antagonistic (``happily_disgusted``, ``angrily_surprised``)
