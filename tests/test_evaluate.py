@@ -99,8 +99,8 @@ def test_the_labelled_ceiling_reads_the_truth_of_each_labelled_request_and_lists
 def test_the_fresh_identity_ceiling_reads_every_class_and_compound_of_each_identity_as_a_run_is_scored(reader, tmp_path):
     ceiling = E.fresh_identity_ceiling(reader, [50_000, 50_001], voice="neutral", num_frames=4)
     assert ceiling["emotion"]["num_clips"] == 14 and ceiling["compounds"]["num_clips"] == 4
-    assert ceiling["per_compound"] == {name: {"both_present": ceiling["per_compound"][name]["both_present"], "clips": 2}
-                                       for name in E.EvalSettings().compounds}  # fmt: skip
+    assert {name: c["clips"] for name, c in ceiling["per_compound"].items()} == {name: 2 for name in E.EvalSettings().compounds}
+    assert all(0 <= c["both_present"] <= 2 for c in ceiling["per_compound"].values())
     # Each compound's components, shown alone by the same identity, are its false alarms: 2 per clip.
     assert ceiling["compounds"]["false_positive_clips"] == 8
     assert all(n >= 1 and key.split("/")[0] in E.EvalSettings().compounds for key, n in ceiling["missed_aus"].items())

@@ -161,16 +161,18 @@ def compound_components(
     lowers; AU1/2 raise the brows that AU4 lowers), and the reader's estimates of the subtle AUs
     spread widely across identities at 32²: the demo's reader reads fear's AU7 and AU20 under
     sadness at 0.8 of what is drawn on average, but at 0.10–0.35 and 0.12–0.68 over 24 identities
-    where 0.25 and 0.45 are drawn, while a neutral face reads AU7 up to 0.22
-    (``benchmarks/reader_ceiling.py``). Measured with the demo's reader (12,000 steps) on
-    ground-truth 50/50 palettes of ``happily_surprised`` and ``sadly_fearful`` from 24 identities outside every
-    training split (32² from 64²): both components found in 0.83 of the clips (0.58 with a
+    where 0.25 and 0.45 are drawn, following the identity's mouth width (r +0.84 for AU20 over 48 identities:
+    the widths vary as much as a 50/50 compound stretches the mouth), while a neutral face reads AU7 up
+    to 0.22 (``benchmarks/reader_ceiling.py``). Measured with the demo's reader (12,000 steps) on
+    ground-truth 50/50 palettes of ``happily_surprised`` and ``sadly_fearful`` from 24 identities
+    outside every training split (32² from 64²): both components found in 0.83 of the clips (0.58 with a
     3,000-step reader, fear's lid tightener AU7 and lip stretcher AU20 failing first), while none
     of the 96 clips showing one component alone was judged to show both. On another 24 such
     identities (seeds 50,000–50,023) the same reader finds both in 0.75 (happily surprised 22/24,
     sadly fearful 14/24 with the face's own voice and with a neutral one alike: in the clips it
     misses, it reads fear's lip stretcher at 0.11–0.25 where 0.45 is drawn), so the check's
-    ceiling on sadly fearful faces is the reader's, not the voice's. The evaluation reports
+    ceiling on sadly fearful faces is set by what one 32² frame shows, not by the voice; readers
+    given the identity's neutral frame as well did no better. The evaluation reports
     that false-alarm rate on generated clips too (:func:`moee_jax.eval.evaluate.score_items`).
     Compounds whose components are antagonistic (``happily_disgusted``, ``angrily_surprised``)
     are rarely recognised by the AUs at all.
