@@ -219,8 +219,8 @@ def fresh_identity_ceiling(
     ``neutral`` (emotion-neutral speech, the label the only cue, as in the labelled evaluation);
     the speech seed is the identity seed, so one identity says the same words in every clip.
 
-    Returns :func:`summarize_judgements` (the columns of ``metrics.json``) plus ``per_compound``
-    (``name → {both_present, clips}``) and ``missed_aus`` (``"compound/component/AU" → clips`` in
+    Returns :func:`summarize_judgements` (the columns of ``metrics.json``; per compound under
+    ``compounds.per_compound``) plus ``missed_aus`` (``"compound/component/AU" → clips`` in
     which that characteristic AU was read below its required level, most first): what a better
     reader has to see.
     """
@@ -239,18 +239,15 @@ def fresh_identity_ceiling(
                                      target=target, audio=clip.audio, identity=np.asarray(schema.identity_vector(clip.identity), np.float32),
                                      fps=fps))  # fmt: skip
     summary = summarize_judgements(judged)
-    per_compound: dict[str, list[bool]] = {}
     missed: dict[str, int] = {}
     for j in judged:
         if j["kind"] != "compound":
             continue
-        per_compound.setdefault(j["target"], []).append(bool(j["compound"]["both_present"]))
         for emotion, part in j["compound"]["components"].items():
             for au, unit in part["aus"].items():
                 if not unit["active"]:
                     key = f"{j['target']}/{emotion}/{au}"
                     missed[key] = missed.get(key, 0) + 1
-    summary["per_compound"] = {k: {"both_present": int(sum(v)), "clips": len(v)} for k, v in per_compound.items()}
     summary["missed_aus"] = dict(sorted(missed.items(), key=lambda kv: -kv[1]))
     return summary
 
