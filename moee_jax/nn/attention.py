@@ -209,14 +209,26 @@ def _flash(bq: int, bk: int, has_mask: bool):
         out, lse = forward(q, k, v, mask)
         return out, (q, k, v, mask, out, lse)  # O(L) residuals: no (Lq, Lk) tensor is saved
 
+    def logits_t(kj, qi, mask_t, i, j):
+        """``Sᵀ`` of block (i, j): (B, H, bk, bq), keys major."""
+        s = jnp.einsum("bhkd,bhqd->bhkq", kj, qi, preferred_element_type=f32)
+        if has_mask:
+            s = jnp.where(_slice(_slice(mask_t, 2, j * bk, bk), 3, i * bq, bq), s, -jnp.inf)
+        return s
+
     def flash_bwd(res, d_out):
         q, k, v, mask, out, lse = res
         nq, nk = q.shape[2] // bq, k.shape[2] // bk
         delta = jnp.sum(d_out.astype(f32) * out.astype(f32), axis=-1)  # D = rowsum(dO ∘ O)
+        mask_t = None if mask is None else jnp.swapaxes(mask, 2, 3)
 
         # FlashAttention-2 order: outer loop over key blocks (dK_j, dV_j stay in registers/cache),
         # inner loop over query blocks; each inner step also yields its share of dQ_i.
-        def kv_block(d_q, j):
+        # The blocks are built transposed, keys major: Pᵀ (B, H, bk, bq). Then dV = Pᵀ dO and
+        # dK = dSᵀ Q contract over the minor axis of their left operand, and dQᵀ = Kᵀ dSᵀ over the
+        # major axis of both; on CPU the q-major layout's dV and dK (contracting the major axis of
+        # P) fall back to a generic dot several times slower (benchmarks/RESULTS.md).
+        def kv_block(d_q_t, j):
             kj = jax.lax.dynamic_slice_in_dim(k, j * bk, bk, 2)
             vj = jax.lax.dynamic_slice_in_dim(v, j * bk, bk, 2)
 
@@ -226,19 +238,23 @@ def _flash(bq: int, bk: int, has_mask: bool):
                 d_oi = jax.lax.dynamic_slice_in_dim(d_out, i * bq, bq, 2)
                 lse_i = jax.lax.dynamic_slice_in_dim(lse, i * bq, bq, 2)
                 delta_i = jax.lax.dynamic_slice_in_dim(delta, i * bq, bq, 2)
-                p = jnp.exp(logits(qi, kj, mask, i, j) - lse_i[..., None])  # recomputed, not stored
-                d_v = d_v + jnp.einsum("bhqk,bhqd->bhkd", p.astype(d_out.dtype), d_oi, preferred_element_type=f32)
-                d_p = jnp.einsum("bhqd,bhkd->bhqk", d_oi, vj, preferred_element_type=f32)
-                d_s = p * (d_p - delta_i[..., None])
-                d_k = d_k + jnp.einsum("bhqk,bhqd->bhkd", d_s.astype(q.dtype), qi, preferred_element_type=f32)
-                d_qi = jnp.einsum("bhqk,bhkd->bhqd", d_s.astype(k.dtype), kj, preferred_element_type=f32)
-                return (d_k, d_v), d_qi
+                p_t = jnp.exp(logits_t(kj, qi, mask_t, i, j) - lse_i[:, :, None, :])  # recomputed, not stored
+                d_v = d_v + jnp.einsum("bhkq,bhqd->bhkd", p_t.astype(d_out.dtype), d_oi, preferred_element_type=f32)
+                d_p_t = jnp.einsum("bhkd,bhqd->bhkq", vj, d_oi, preferred_element_type=f32)
+                d_s_t = p_t * (d_p_t - delta_i[:, :, None, :])
+                d_k = d_k + jnp.einsum("bhkq,bhqd->bhkd", d_s_t.astype(q.dtype), qi, preferred_element_type=f32)
+                d_qi_t = jnp.einsum("bhkd,bhkq->bhdq", kj, d_s_t.astype(k.dtype), preferred_element_type=f32)
+                return (d_k, d_v), d_qi_t
 
             init = (jnp.zeros(kj.shape, f32), jnp.zeros(vj.shape, f32))
             (d_k, d_v), d_q_parts = jax.lax.scan(q_step, init, jnp.arange(nq))
-            return d_q + _unblock(d_q_parts), (d_k, d_v)
+            n, b, h, dd, blk = d_q_parts.shape  # (nq, B, H, D, bq) → (B, H, D, Lq)
+            return d_q_t + jnp.moveaxis(d_q_parts, 0, 3).reshape(b, h, dd, n * blk), (d_k, d_v)
 
-        d_q, (d_k, d_v) = jax.lax.scan(kv_block, jnp.zeros(q.shape, f32), jnp.arange(nk))
+        d_q_t, (d_k, d_v) = jax.lax.scan(kv_block, jnp.zeros(q.shape[:2] + q.shape[3:] + q.shape[2:3], f32), jnp.arange(nk))
+        # The barrier keeps XLA from folding the transpose back into the dot when a loop has one
+        # trip and is removed (the folded form is the slow one).
+        d_q = jnp.swapaxes(jax.lax.optimization_barrier(d_q_t), 2, 3)
         d_mask = None if mask is None else np.zeros(mask.shape, jax.dtypes.float0)
         return d_q.astype(q.dtype), _unblock(d_k).astype(k.dtype), _unblock(d_v).astype(v.dtype), d_mask
 
