@@ -11,6 +11,7 @@ jitted 2048² matmul on all its cores (``--peak_tflops 0``; "MFU vs GEMM").
     python benchmarks/train_step.py                       # CPU: tiny stage1/2, sd15-shaped stage2
     python benchmarks/train_step.py --cases demo:stage1 demo:stage2   # the CPU demo's own steps
     python benchmarks/train_step.py --cases sd15:stage1:512:16 --dtype bfloat16   # on a GPU
+    python benchmarks/train_step.py --cases demo:stage1 --steps 3 --profile /tmp/prof   # + trace, HLO
 """
 
 from __future__ import annotations
@@ -56,6 +57,8 @@ def main() -> None:
     parser.add_argument("--attention", default="")
     parser.add_argument("--unet", nargs="*", default=[], metavar="FIELD=VALUE",
                         help="model.unet overrides, e.g. layers_per_block=1 (an sd15-shaped model that fits a small host)")  # fmt: skip
+    parser.add_argument("--profile", default="", metavar="DIR",
+                        help="write a jax.profiler trace of the timed steps (Perfetto JSON) and each case's compiled HLO under DIR/<case>")
     parser.add_argument("--peak_tflops", type=float, default=0.0, help="per-device peak, for MFU where not known")
     args = parser.parse_args()
 
@@ -99,12 +102,19 @@ def main() -> None:
             trainer.compile(state, batch)
             compile_s = time.perf_counter() - t0
             times = []
+            profile_dir = pathlib.Path(args.profile) / case.replace(":", "_") if args.profile else None
             for i in range(args.warmup + args.steps):
+                if profile_dir is not None and i == args.warmup:
+                    profile_dir.mkdir(parents=True, exist_ok=True)
+                    (profile_dir / "step.hlo.txt").write_text(trainer._compiled.as_text())
+                    jax.profiler.start_trace(str(profile_dir), create_perfetto_trace=True)
                 t = time.perf_counter()
                 state, out = trainer._compiled(state, batch, trainer.extra)
                 jax.block_until_ready(out["loss"])
                 if i >= args.warmup:
                     times.append(time.perf_counter() - t)
+            if profile_dir is not None:
+                jax.profiler.stop_trace()
             step_s = statistics.median(times)
             flops = trainer.step_flops
             peak = args.peak_tflops * 1e12 if args.peak_tflops else metrics.peak_flops_per_device(jax.devices()[0], args.dtype)

@@ -14,7 +14,10 @@ reference or emotion parts: the backbone the two libraries share.
 
 A training step is the gradient of an MSE loss on the output with respect to every parameter
 (``jax.value_and_grad`` jitted; ``loss.backward()``). Times are medians over ``--iters`` calls
-after ``--warmup`` calls. FLOPs are XLA's count for our compiled step.
+after ``--warmup`` calls. FLOPs are XLA's count for our compiled step. On a CPU each side is measured
+in ``--rounds`` rounds (default 3), PyTorch then ours back to back, and the ratio is the median of the
+rounds' ratios with their range: on a shared machine a slow spell then hits both sides of one ratio
+(the same code's step varied by ±20 % between runs minutes apart on the 2-core host).
 
     python benchmarks/unet_step.py                         # tiny, mid, tiny-video, mid-video, fp32
     python benchmarks/unet_step.py --configs mid,mid-video --iters 20
@@ -284,12 +287,19 @@ def jax_side(
     step = jax.jit(jax.value_and_grad(loss)).lower(params, x, t, c, y).compile()
     fwd = jax.jit(forward).lower(params, x, t, c).compile()
     compile_s = time.perf_counter() - start
-    step_ms = median_ms(lambda: step(params, x, t, c, y), jax.block_until_ready, warmup, iters)
-    fwd_ms = median_ms(lambda: fwd(params, x, t, c), jax.block_until_ready, warmup, iters)
+
+    def timed() -> tuple[float, float]:
+        return (
+            median_ms(lambda: step(params, x, t, c, y), jax.block_until_ready, warmup, iters),
+            median_ms(lambda: fwd(params, x, t, c), jax.block_until_ready, warmup, iters),
+        )
+
+    step_ms, fwd_ms = timed()
     stats = jax.devices()[0].memory_stats() or {}
     return {
         "step": step_ms,
         "fwd": fwd_ms,
+        "timed": timed,
         "out": np.asarray(fwd(params, x, t, c), np.float32),
         "params": sum(a.size for a in jax.tree_util.tree_leaves(params)),
         "flops": flops_of(step),
@@ -299,29 +309,51 @@ def jax_side(
 
 
 def bench(names: list[str], args) -> list[dict]:
-    """All PyTorch runs (each in a fresh child process) first, then ours, on the same weights."""
+    """All PyTorch runs (each in a fresh child process) first, then ours, on the same weights; then
+    ``args.rounds − 1`` more rounds per config, PyTorch (a fresh child again) and ours back to back.
+
+    Each row keeps every round's medians; the table gives the median over rounds and the median of
+    the per-round ratios, so a slow spell on a shared machine hits both sides of one ratio.
+    """
     setups = {}
     for name in names:
         kwargs, side, batch, frames, adapter = setup_of(name)
         batch = args.batch or batch
         setups[name] = (kwargs, adapter, side, batch, frames, make_inputs(kwargs, side, batch, frames))
+    spawn = multiprocessing.get_context("spawn")
+
+    def torch_run(name, weights_dir):
+        kwargs, adapter, _, _, _, inputs = setups[name]
+        with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+            return pool.submit(
+                torch_side, kwargs, adapter, inputs, weights_dir, args.dtype, args.torch_threads, args.warmup, args.iters
+            ).result()
+
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        refs = {}
-        spawn = multiprocessing.get_context("spawn")
-        for name, (kwargs, adapter, _, _, _, inputs) in setups.items():
-            with concurrent.futures.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                refs[name] = pool.submit(
-                    torch_side, kwargs, adapter, inputs, f"{tmp}/{name}", args.dtype, args.torch_threads, args.warmup, args.iters
-                ).result()
+        refs = {name: torch_run(name, f"{tmp}/{name}") for name in setups}
         for name, (kwargs, adapter, side, batch, frames, inputs) in setups.items():
             ours = jax_side(kwargs, adapter, inputs, f"{tmp}/{name}", args.dtype, args.attention, args.warmup, args.iters)
             ref = refs[name]
             if ours["params"] != ref["params"]:
                 raise RuntimeError(f"{name}: ours has {ours['params']} parameters, diffusers {ref['params']}")
             rel = float(np.linalg.norm(ours["out"] - ref["out"]) / np.linalg.norm(ref["out"]))
-            results.append({"name": name, "batch": batch, "frames": frames, "side": side, "ours": ours, "torch": ref, "rel_err": rel})
+            rounds = [{"ours": (ours["step"], ours["fwd"]), "torch": (ref["step"], ref["fwd"])}]
+            for _ in range(args.rounds - 1):
+                again = torch_run(name, f"{tmp}/{name}_again")
+                rounds.append({"torch": (again["step"], again["fwd"]), "ours": ours["timed"]()})
+            results.append({"name": name, "batch": batch, "frames": frames, "side": side, "ours": ours, "torch": ref,
+                            "rel_err": rel, "rounds": rounds})  # fmt: skip
     return results
+
+
+def summarise(rounds: list[dict], i: int) -> tuple[float, float, float, float, float]:
+    """``(ours ms, torch ms, ratio, lowest ratio, highest ratio)`` of column ``i`` (0 step, 1 forward):
+    medians over rounds, and the per-round ratios' median and range."""
+    ours = [r["ours"][i] for r in rounds]
+    ref = [r["torch"][i] for r in rounds]
+    ratios = [o / t for o, t in zip(ours, ref)]
+    return statistics.median(ours), statistics.median(ref), statistics.median(ratios), min(ratios), max(ratios)
 
 
 def table(results, peak_tflops: float | None) -> str:
@@ -332,19 +364,25 @@ def table(results, peak_tflops: float | None) -> str:
     if peak_tflops:
         cols.append("MFU")
     lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+
+    def ratio(mid: float, lo: float, hi: float, rounds: int) -> str:
+        return f"{mid:.2f}" if rounds == 1 else f"{mid:.2f} ({lo:.2f}–{hi:.2f})"
+
     for r in results:
-        o, t = r["ours"], r["torch"]
+        o = r["ours"]
+        step_ours, step_torch, *step_ratio = summarise(r["rounds"], 0)
+        fwd_ours, fwd_torch, *fwd_ratio = summarise(r["rounds"], 1)
         gflop = None if o["flops"] is None else o["flops"] / 1e9
-        rate = None if gflop is None else gflop / (o["step"] / 1e3)
+        rate = None if gflop is None else gflop / (step_ours / 1e3)
         row = [
             f"{r['name']} (B={r['batch']}{'' if r['frames'] == 1 else ' × F=' + str(r['frames'])}, {r['side']}²)",
             f"{o['params'] / 1e6:.2f}",
-            f"{o['step']:.1f}",
-            f"{t['step']:.1f}",
-            f"{o['step'] / t['step']:.2f}",
-            f"{o['fwd']:.1f}",
-            f"{t['fwd']:.1f}",
-            f"{o['fwd'] / t['fwd']:.2f}",
+            f"{step_ours:.1f}",
+            f"{step_torch:.1f}",
+            ratio(*step_ratio, len(r["rounds"])),
+            f"{fwd_ours:.1f}",
+            f"{fwd_torch:.1f}",
+            ratio(*fwd_ratio, len(r["rounds"])),
             "n/a" if gflop is None else f"{gflop:.2f}",
             "n/a" if rate is None else f"{rate:.1f}",
         ]
@@ -379,7 +417,14 @@ def main(argv=None) -> None:
     parser.add_argument("--attention", choices=("xla", "cudnn", "pallas", "blockwise"), default="xla", help="our attention kernel")
     parser.add_argument("--torch-threads", type=int, default=os.cpu_count(), help="torch intra-op threads (CPU)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="device peak, adds an MFU column")
+    parser.add_argument("--rounds", type=int, default=None,
+                        help="times each side is measured, PyTorch then ours back to back; the ratio is the median of "
+                             "the rounds' ratios, with their range (default 3 on a CPU, 1 with a GPU)")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 1 if _gpu_visible() else 3
+    if args.rounds < 1:
+        parser.error("--rounds must be at least 1")
     names = [n for n in args.configs.split(",") if n] + (["sd15"] if args.sd15 else [])
     unknown = [n for n in names if n not in CONFIGS and n not in VIDEO]
     if unknown:
@@ -403,7 +448,8 @@ def main(argv=None) -> None:
     print(f"machine: {_cpu_name()}, {os.cpu_count()} CPUs, {platform.system()} {platform.machine()}")
     print(f"jax {jax.__version__} on {device.platform} ({device.device_kind}); {results[0]['torch']['versions']}")
     print(f"threads: {results[0]['torch']['threads']} (own process); XLA CPU: own pool over {os.cpu_count()} cores")
-    print(f"dtype {args.dtype}, our attention {args.attention!r}, median of {args.iters} after {args.warmup} warm-up, "
+    print(f"dtype {args.dtype}, our attention {args.attention!r}, median of {args.iters} after {args.warmup} warm-up"
+          f"{'' if args.rounds == 1 else f' in each of {args.rounds} rounds (ratio: median of the rounds, their range)'}, "
           f"{CONTEXT_TOKENS} context tokens; spatial rows one frame per clip, video rows F frames with motion modules\n")  # fmt: skip
     print(table(results, args.peak_tflops))
     print()
