@@ -147,11 +147,12 @@ def make_inputs(kwargs: dict, side: int, batch: int, frames: int = 1) -> dict:
 
 
 def torch_side(
-    kwargs: dict, adapter: dict | None, inputs: dict, weights_dir: str, dtype: str, threads: int, warmup: int, iters: int
+    kwargs: dict, adapter: dict | None, inputs: dict, weights_dir: str | None, dtype: str, threads: int, warmup: int, iters: int
 ) -> dict:
     """Child process: build the diffusers U-Net (with ``adapter``: ``UNetMotionModel`` from it and a
-    ``MotionAdapter``), save the weights under ``weights_dir/{unet,motion_adapter}``, time it, return
-    times and its forward output (channels last)."""
+    ``MotionAdapter``), save the weights under ``weights_dir/{unet,motion_adapter}`` (unless ``None``:
+    a later round rebuilds the same seeded weights), time it, return times and its forward output
+    (channels last)."""
     import diffusers
     import torch
     from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
@@ -160,10 +161,12 @@ def torch_side(
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(0)
     model = UNet2DConditionModel(**kwargs)
-    model.save_pretrained(f"{weights_dir}/unet", safe_serialization=True)
+    if weights_dir is not None:
+        model.save_pretrained(f"{weights_dir}/unet", safe_serialization=True)
     if adapter is not None:
         motion = MotionAdapter(**adapter)
-        motion.save_pretrained(f"{weights_dir}/motion_adapter", safe_serialization=True)
+        if weights_dir is not None:
+            motion.save_pretrained(f"{weights_dir}/motion_adapter", safe_serialization=True)
         model = UNetMotionModel.from_unet2d(model, motion)
     model = model.to(device)
 
@@ -340,7 +343,7 @@ def bench(names: list[str], args) -> list[dict]:
             rel = float(np.linalg.norm(ours["out"] - ref["out"]) / np.linalg.norm(ref["out"]))
             rounds = [{"ours": (ours["step"], ours["fwd"]), "torch": (ref["step"], ref["fwd"])}]
             for _ in range(args.rounds - 1):
-                again = torch_run(name, f"{tmp}/{name}_again")
+                again = torch_run(name, None)
                 rounds.append({"torch": (again["step"], again["fwd"]), "ours": ours["timed"]()})
             results.append({"name": name, "batch": batch, "frames": frames, "side": side, "ours": ours, "torch": ref,
                             "rel_err": rel, "rounds": rounds})  # fmt: skip

@@ -36,6 +36,23 @@ def torch():
     return torch
 
 
+@pytest.fixture(scope="session")
+def load_benchmark():
+    """``load_benchmark("unet_step")``: a script of ``benchmarks/`` imported as a module (the folder
+    is not a package)."""
+    import importlib.util
+
+    folder = pathlib.Path(__file__).resolve().parent.parent / "benchmarks"
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(name, folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load
+
+
 def _once_per_run(tmp_path_factory, name: str, make):
     """``make(folder)`` once per test run, shared by every xdist worker (they have one base temp
     folder): the first worker to get the lock builds ``folder``, the others reuse it."""

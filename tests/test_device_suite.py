@@ -11,21 +11,14 @@ compilation cache saves XLA's part, not the tracing and lowering).
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import pathlib
 
 import pytest
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
 
 @pytest.fixture(scope="module")
-def suite():
-    spec = importlib.util.spec_from_file_location("device_suite", REPO / "benchmarks" / "device_suite.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def suite(load_benchmark):
+    return load_benchmark("device_suite")
 
 
 def test_smoke_run_measures_every_section_and_prints_the_table(suite, tmp_path, capsys):

@@ -4,20 +4,12 @@ spell that hits one round counts once instead of skewing one side's median."""
 
 from __future__ import annotations
 
-import importlib.util
-import pathlib
-
 import pytest
-
-REPO = pathlib.Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def unet_step():
-    spec = importlib.util.spec_from_file_location("unet_step", REPO / "benchmarks" / "unet_step.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def unet_step(load_benchmark):
+    return load_benchmark("unet_step")
 
 
 # (step ms, forward ms) per round; round 2 is a slow spell for both sides.
