@@ -274,6 +274,7 @@ def jax_side(
 
     from moee_jax.checkpoint.convert.unet import convert_unet
     from moee_jax.models.unet import VideoUNet
+    from moee_jax.xla_options import compiler_options
 
     unet = VideoUNet(ours_config(kwargs, attention, adapter), dtype=jnp.dtype(dtype))
     motion = f"{weights_dir}/motion_adapter" if adapter is not None else None
@@ -287,8 +288,9 @@ def jax_side(
         return jnp.mean(jnp.square(forward(p, x, t, c).astype(jnp.float32) - y))
 
     start = time.perf_counter()
-    step = jax.jit(jax.value_and_grad(loss)).lower(params, x, t, c, y).compile()
-    fwd = jax.jit(forward).lower(params, x, t, c).compile()
+    options = compiler_options()  # as the project compiles (on a CPU: YNNPACK for dots only)
+    step = jax.jit(jax.value_and_grad(loss)).lower(params, x, t, c, y).compile(compiler_options=options)
+    fwd = jax.jit(forward).lower(params, x, t, c).compile(compiler_options=options)
     compile_s = time.perf_counter() - start
 
     def timed() -> tuple[float, float]:

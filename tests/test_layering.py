@@ -14,7 +14,7 @@ PACKAGE = ROOT / "moee_jax"
 # Each subpackage / top-level module with the layer it lives on; a module may import only from
 # its own layer or the layers below it.
 LAYERS = {
-    "emotions": 0, "atomic": 0, "checks": 0, "console": 0, "nn": 0, "parallel": 0, "diffusion": 0,
+    "emotions": 0, "atomic": 0, "checks": 0, "console": 0, "xla_options": 0, "nn": 0, "parallel": 0, "diffusion": 0,
     "models": 1, "checkpoint": 2, "data": 3,
     "train": 4,
     "inference": 5, "eval": 6, "analysis": 7,

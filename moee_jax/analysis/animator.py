@@ -27,6 +27,7 @@ from moee_jax.inference.animator import Animator
 from moee_jax.models.conditioning import EmotionSources
 from moee_jax.models.emotion_moe import EmotionCondition
 from moee_jax.models.system import Conditions
+from moee_jax.xla_options import compiler_options
 
 
 @jax.tree_util.register_dataclass
@@ -44,8 +45,8 @@ class AnalysisAnimator(Animator):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._tokens = jax.jit(self._tokens_fn)
-        self._gates = jax.jit(self._gate_pass_fn)
+        self._tokens = jax.jit(self._tokens_fn, compiler_options=compiler_options())
+        self._gates = jax.jit(self._gate_pass_fn, compiler_options=compiler_options())
 
     def clip_conditions(self, params, emotion, mel, ref_latents, face_features, motion) -> Conditions:
         if not isinstance(emotion, InterpolatedEmotion):

@@ -48,6 +48,7 @@ from moee_jax.eval.evaluate import (
     resize_frame,
     score_items,
 )
+from moee_jax.xla_options import compiler_options
 
 RUNGS = ("ceiling", "overfit", "train_same_clip", "held_out_same_clip", "train_neutral", "held_out")
 
@@ -185,7 +186,7 @@ def shuffle_gap(run_dir: str | pathlib.Path, batches: int = 4) -> float:
     config = load_run_config(checkpoint)
     params = restore_final(checkpoint.final)
     trainer = Trainer(config, tempfile.mkdtemp(prefix="moee_ladder_"))
-    fn = jax.jit(trainer.stage.diagnostics)
+    fn = jax.jit(trainer.stage.diagnostics, compiler_options=compiler_options())
     it = iter(trainer.pipeline())
     gaps = [float(fn(params, {k: np.asarray(v) for k, v in next(it).items()}, jax.random.key(i))["shuffle_gap"]) for i in range(batches)]
     return float(np.mean(gaps))

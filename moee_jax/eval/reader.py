@@ -38,6 +38,7 @@ trip) — is reported beside every generated number (:mod:`moee_jax.eval.evaluat
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from collections.abc import Sequence
@@ -53,6 +54,7 @@ from moee_jax.atomic import atomic_write_bytes
 from moee_jax.data import schema, synthetic
 from moee_jax.data.pipeline import resize_frames
 from moee_jax.emotions import EMOTIONS, NEUTRAL
+from moee_jax.xla_options import compiler_options
 
 INPUT_SIZE = 32  # the network's input resolution; frames of other sizes are resized to it
 NUM_CLASSES = len(schema.CLASSES)
@@ -155,7 +157,7 @@ class Reader:
                 "identity": out["identity"],
             }
 
-        self._forward = jax.jit(forward)
+        self._forward = jax.jit(forward, compiler_options=compiler_options())
 
     def predict(self, frames: np.ndarray, batch_size: int = 256) -> dict[str, np.ndarray]:
         """Read frames ``(N, S, S, 3)`` uint8 (or one frame ``(S, S, 3)``).
@@ -539,7 +541,7 @@ def fit_reader(
     tx = optax.adam(optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, max(steps, warmup + 1), learning_rate * 0.02))
     opt_state = tx.init(params)
 
-    @jax.jit
+    @functools.partial(jax.jit, compiler_options=compiler_options())
     def step(params, opt_state, batch, key):
         x = _prepare(batch["frames"], size)
         if augment is not None:

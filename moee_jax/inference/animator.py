@@ -52,6 +52,7 @@ from moee_jax.models.conditioning import EmotionSources
 from moee_jax.models.features import to_uint8
 from moee_jax.models.space_to_depth import SpaceToDepthAutoencoder
 from moee_jax.models.system import Conditions, MoEESystem
+from moee_jax.xla_options import compiler_options
 
 REQUIRED_PARTS = ("vae", "face_locator", "context", "reference_net", "unet", "conditioning")
 TEXT_LENGTH = 32  # the training pipeline's default data.text_length
@@ -105,9 +106,9 @@ class Animator:
         self.compound_mixing = str(config.get("compound_mixing", "guidance"))
         if self.compound_mixing not in COMPOUND_MODES:
             raise InputError(f"--checkpoint {source}: config.compound_mixing={self.compound_mixing!r}; choose one of {COMPOUND_MODES}")
-        self._prepare = jax.jit(self._prepare_fn)
+        self._prepare = jax.jit(self._prepare_fn, compiler_options=compiler_options())
         # Guidance scales are static: a branch a scale gives no weight is then left out of the batch.
-        self._clip_step = jax.jit(self._clip_step_fn, static_argnames=("scales",))
+        self._clip_step = jax.jit(self._clip_step_fn, static_argnames=("scales",), compiler_options=compiler_options())
 
     @classmethod
     def from_run(cls, run_dir: str | os.PathLike, *, text_encoder: str | os.PathLike | None = None,
@@ -133,7 +134,8 @@ class Animator:
         """Frames ``(N, S, S, 3)`` uint8 through the model's latent encode and decode, as uint8: what
         the latent space keeps of them (the ceiling of any generated video)."""
         if not hasattr(self, "_round_trip"):
-            self._round_trip = jax.jit(lambda params, x: to_uint8(self.system.decode(params, self.system.encode_images(params, x))))
+            self._round_trip = jax.jit(lambda params, x: to_uint8(self.system.decode(params, self.system.encode_images(params, x))),
+                                       compiler_options=compiler_options())
         return np.asarray(self._round_trip(self.params, jnp.asarray(frames)))
 
     # ---- what the model can take ---------------------------------------------------------------------------------

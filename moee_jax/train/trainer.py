@@ -47,6 +47,7 @@ from moee_jax.train.partition import count, is_trainable, merge_params, split_pa
 from moee_jax.train.stages import Stage, make_stage
 from moee_jax.train.state import TrainState
 from moee_jax.train.step import make_step, stage_loss
+from moee_jax.xla_options import compiler_options
 
 log = logging.getLogger("moee_jax.train")
 
@@ -209,7 +210,7 @@ class Trainer:
         )
         with self._scope():
             lowered = jitted.lower(state, batch, self.extra)
-            self._compiled = lowered.compile()
+            self._compiled = lowered.compile(compiler_options=compiler_options())
         self.step_flops = metrics_lib.compiled_flops(lowered)  # before SPMD partitioning: over all devices
         return self._compiled
 
