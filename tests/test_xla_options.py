@@ -46,3 +46,29 @@ def test_a_convolutions_value_and_gradients_do_not_change():
     ours = fn.lower(x, w).compile(compiler_options=compiler_options())(x, w)
     for a, b in zip(jax.tree.leaves(default), jax.tree.leaves(ours)):
         np.testing.assert_allclose(np.asarray(b), np.asarray(a), rtol=1e-5, atol=1e-5)
+
+
+_REFUSED = {"xla_cpu_no_such_option_in_any_xla": "1"}
+
+
+def test_the_training_step_compiles_with_the_projects_options(monkeypatch, synthetic_tfds, tmp_path):
+    from moee_jax.parallel.sharding import to_global
+    from moee_jax.train import trainer as trainer_module
+    from tests.train_helpers import single_device_trainer, stage_config
+
+    trainer = single_device_trainer(stage_config("vae", synthetic_tfds[0], steps=1, batch_size=2), tmp_path / "run")
+    state = trainer.init_state()
+    monkeypatch.setattr(trainer_module, "compiler_options", lambda: _REFUSED)  # reaching XLA proves it is passed
+    with pytest.raises(Exception, match="xla_cpu_no_such_option_in_any_xla"):
+        trainer.compile(state, to_global(trainer.example, trainer.batch_shardings))
+
+
+def test_the_reader_compiles_with_the_projects_options(monkeypatch):
+    from moee_jax.eval import reader as reader_module
+
+    net = reader_module.ReaderNet()
+    params = net.init(jax.random.key(0), jnp.zeros((1, reader_module.INPUT_SIZE, reader_module.INPUT_SIZE, 3)))["params"]
+    monkeypatch.setattr(reader_module, "compiler_options", lambda: _REFUSED)
+    reader = reader_module.Reader(size=32, params=params, identity_mean=np.zeros(24), identity_std=np.ones(24))
+    with pytest.raises(Exception, match="xla_cpu_no_such_option_in_any_xla"):
+        reader.predict(np.zeros((2, 32, 32, 3), np.uint8))
