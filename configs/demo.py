@@ -40,7 +40,7 @@ def get_config(arg: str = "cpu") -> ConfigDict:
         compounds=("happy:0.5,surprised:0.5", "sad:0.5,fearful:0.5", "happily_surprised", "sadly_fearful"), seed=0,
     ))  # fmt: skip
     image = 32 if not gpu else 64
-    steps = {"vae": 0, "stage1": 4000, "stage2": 2000} if not gpu else {"vae": 0, "stage1": 60000, "stage2": 10000}
+    steps = {"vae": 0, "stage1": 7000, "stage2": 2000} if not gpu else {"vae": 0, "stage1": 60000, "stage2": 10000}
     c.stages = ConfigDict()
     for stage, n in steps.items():
         s = training.training_config(stage, "tiny")

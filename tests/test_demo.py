@@ -78,7 +78,7 @@ def test_an_interrupted_stage_stops_the_demo_with_how_to_resume_instead_of_start
 
     monkeypatch.setattr(D, "build_data", lambda config, data_dir, held_out_only: "synthetic_talking_faces/x")
     monkeypatch.setattr(trainer, "Trainer", Interrupted)
-    with pytest.raises(D.DemoError, match=r"stage1 was interrupted at step 3 of 4000; .*run/stage1: run the same command again to resume"):
+    with pytest.raises(D.DemoError, match=r"stage1 was interrupted at step 3 of 7000; .*run/stage1: run the same command again to resume"):
         D.run_demo(demo.get_config("cpu"), tmp_path / "demo", from_scratch=True)
     assert started == ["vae", "stage1"]  # stage2 never started
 
@@ -91,7 +91,7 @@ def test_without_the_shipped_checkpoint_the_demo_trains_the_short_recipe():
     assert short.stages.stage1.train.steps == c.short_steps["stage1"] < c.stages.stage1.train.steps
     assert short.stages.stage2.train.steps == c.short_steps["stage2"] and short.reader.steps == c.short_steps["reader"]
     assert short.stages.stage1.train.warmup_steps <= c.short_steps["stage1"] // 10
-    assert c.stages.stage1.train.steps == 4000  # the full recipe is untouched
+    assert c.stages.stage1.train.steps == 7000  # the full recipe is untouched
 
 
 def test_the_shipped_checkpoint_restores_and_animates_a_held_out_face_with_the_asked_emotion(tmp_path):
