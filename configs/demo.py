@@ -3,9 +3,9 @@
 Variants:
   cpu  the README's main job on 2 CPU cores: 32² frames, the tiny model on lossless space-to-depth
        latents. ``moee demo`` animates and scores the held-out identities with the checkpoint shipped
-       in ``checkpoints/demo_cpu`` (about 14 minutes on 2 idle cores); ``moee demo --from-scratch``
-       trains that checkpoint again from nothing (about 2¼ hours on 2 cores; see the README for the
-       numbers it gives).
+       in ``checkpoints/demo_cpu`` (about 13 minutes on 2 cores); ``moee demo --from-scratch``
+       trains that checkpoint again from nothing (7,000 + 2,000 steps, about 3¼ hours on 2 idle
+       cores; see the README for the numbers it gives).
   gpu  the same recipe, larger: 64² frames, more identities and steps (for a machine with an
        accelerator; always trains from scratch).
 

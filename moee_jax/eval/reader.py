@@ -364,9 +364,9 @@ class Augment:
     Measured with the defaults (12,000 steps, as the demo's reader; benchmarks/RESULTS.md, "A reader
     that reads through the texture"): on the validation identities' ground truth at 32² its accuracy
     is 0.982 at every blur σ from 0 to 1.0 px (the clean-frame reader: 1.000, 0.875 at σ 0.7, 0.375 at
-    σ 1.0), but it finds both components of a
-    compound in 0.69 of the clips against 0.75. It reads the shipped model's validation clips *lower*
-    (0.607 against 0.750): the generated errors are in the drawn expression, not in its sharpness. The
+    σ 1.0), but it finds both components of a compound in 0.69 of the clips against 0.75. It reads
+    the then shipped (4,000-step) model's validation clips *lower* (0.607 against 0.750): the
+    generated errors are in the drawn expression, not in its sharpness. The
     demo's reader is therefore trained without degradations (``config.reader.augment`` unset); this
     reader is the instrument that tells the two apart.
     """
